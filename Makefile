@@ -1,0 +1,16 @@
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+# (1) the main job: a short MoCo pretraining on the embedded digits, local Ray, 2 CPU workers, kNN at the end
+demo: setup
+	RAY_AUTH_MODE=disabled .venv/bin/python -m moco_ray.train
+
+# (2) the tests
+test: setup
+	RAY_AUTH_MODE=disabled .venv/bin/python -m pytest -q tests
+
+bench: setup
+	.venv/bin/python bench/data.py
+	.venv/bin/python bench/step.py

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system packages for ffcv, a virtual environment in .venv, the project installed
+# into it. A second run only re-installs when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+need_apt=""
+for p in pkg-config libopencv-dev libturbojpeg0-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 || need_apt="$need_apt $p"
+done
+if [ -n "$need_apt" ]; then
+    echo "[setup] apt-get install$need_apt"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need_apt >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+    echo "[setup] installing the project into .venv (first time: several minutes, ffcv builds from source)"
+    .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, ray, ffcv; print("torch", torch.__version__, "ray", ray.__version__, "ffcv", ffcv.__version__)')"
