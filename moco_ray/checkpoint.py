@@ -1,0 +1,131 @@
+"""Sharded checkpoints: rank 0 writes the model and training state, every rank writes its queue shard,
+and rank 0 writes a manifest listing every file with its size and sha256. A checkpoint is valid only
+when its manifest is there and every file it lists matches, so a partial or corrupt save is skipped
+and the previous checkpoint is used.
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moco_ray.queue import reshard
+
+log = logging.getLogger("moco_ray")
+
+MANIFEST = "manifest.json"
+STATE = "state.pt"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def dir_name(step):
+    return f"checkpoint_{step:09d}"
+
+
+def queue_file(rank):
+    return f"queue-{rank:04d}.pt"
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(path):
+    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def save(out_dir, rank, world_size, state, queue_state, meta):
+    """Write this rank's part of a checkpoint into out_dir (a local temp dir that Ray uploads).
+
+    state: the model/optimizer/progress dict (only rank 0's is written). Collective: every rank calls it.
+    """
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    torch.save(queue_state, out_dir / queue_file(rank))
+    files = {queue_file(rank): _describe(out_dir / queue_file(rank))}
+    if rank == 0:
+        torch.save(state, out_dir / STATE)
+        files[STATE] = _describe(out_dir / STATE)
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, files)
+    else:
+        parts = [files]
+    if rank == 0:
+        listing = {name: d for part in parts for name, d in part.items()}
+        manifest = dict(meta, format=FORMAT, world_size=world_size, files=listing)
+        tmp = out_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out_dir / MANIFEST)
+    return time.perf_counter() - t0
+
+
+def verify(path, deep=True):
+    """Return the manifest of a complete checkpoint, or raise CheckpointError saying what is wrong."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {MANIFEST} (partial save)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
+    for name, d in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        if f.stat().st_size != d["bytes"] or (deep and _sha256(f) != d["sha256"]):
+            raise CheckpointError(f"{path}: {name} does not match the manifest (corrupt)")
+    if STATE not in manifest.get("files", {}) or queue_file(0) not in manifest["files"]:
+        raise CheckpointError(f"{path}: manifest lists no model state or queue")
+    return manifest
+
+
+def _step_of(path):
+    m = re.fullmatch(r"checkpoint_(\d+)", Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def candidates(latest_path):
+    """The reported checkpoint and its older siblings in the run directory, newest first."""
+    latest = Path(latest_path)
+    siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and _step_of(p) >= 0]
+    siblings = sorted(siblings, key=_step_of, reverse=True)
+    return [latest] + [p for p in siblings if p != latest and _step_of(p) < _step_of(latest)]
+
+
+def find_valid(latest_path):
+    """The newest valid checkpoint at or before latest_path, or None. Warns about each skipped one."""
+    for path in candidates(latest_path):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+def load(path, rank, world_size, K):
+    """Load a verified checkpoint for rank `rank` of `world_size`: the state dict, and this rank's
+    queue shard, resharded from however many workers wrote it."""
+    path = Path(path)
+    manifest = verify(path, deep=False)
+    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+    old = [torch.load(path / queue_file(r), map_location="cpu") for r in range(manifest["world_size"])]
+    if len(old) == world_size:
+        shard = old[rank]
+    else:
+        shard = reshard(old, K, world_size)[rank]
+    return state, shard, manifest

@@ -1,0 +1,185 @@
+"""The one typed config: a flat dataclass with the paper's names, presets, --set parsing, validation.
+
+Everything a run needs that is not placement (workers, GPUs, storage) lives here, so the driver,
+the per-worker loop, the sweep and the checkpoint all read the same object.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one line by the CLIs, before Ray starts."""
+
+
+@dataclass
+class Config:
+    # data
+    data: str = ""                # manifest dir or ImageFolder tree; "" = the embedded digits
+    knn_data: str = ""            # labelled held-out split for the kNN monitor; "" = none (or digits val)
+    res: int = 224                # crop size
+    aug: str = "v2"               # v1 | v2 ("aug+")
+    loader_workers: int = 4       # decode threads per training worker
+    # model (MoCo paper names)
+    arch: str = "resnet50"
+    small_stem: bool = False      # 3x3 conv1, no max-pool: for 32px data
+    mlp: bool = True              # v2 MLP head; False = v1 linear head
+    dim: int = 128                # D
+    K: int = 65536                # queue size
+    m: float = 0.999              # key encoder momentum
+    T: float = 0.2                # softmax temperature
+    bn: str = "shuffle"           # shuffle | sync | split
+    bn_splits: int = 8            # sub-batches for split-BN (W == 1)
+    # optimisation
+    batch_size: int = 256         # global B, kept across resizes
+    lr: float = 0.03              # per 256 images
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 200
+    schedule: str = "cosine"      # cosine | step
+    lr_steps: tuple = (120, 160)  # epochs at which the step schedule divides lr by 10
+    seed: int = 0
+    max_steps: int = 0            # stop after this many optimizer steps; 0 = run all epochs
+    # monitoring and checkpoints
+    knn_every: int = 1            # epochs; 0 = never
+    knn_k: int = 200
+    knn_t: float = 0.1
+    report_every: int = 10        # steps
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
+    sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    "moco-v1": dict(mlp=False, T=0.07, aug="v1", schedule="step", lr=0.03),
+    "moco-v2": dict(mlp=True, T=0.2, aug="v2", schedule="cosine", lr=0.03),
+    # Tiny and CPU-sized: resnet18 on 32px digits, 2 workers.
+    "demo": dict(
+        arch="resnet18", small_stem=True, res=32, aug="v2", mlp=True, T=0.2, K=4096, m=0.99,
+        batch_size=128, lr=0.06, epochs=12, schedule="cosine", knn_every=4, knn_k=20,
+        report_every=5, checkpoint_every_steps=50, keep_checkpoints=2, loader_workers=1,
+        metrics_port=0,
+    ),
+}
+
+CHOICES = {"aug": ("v1", "v2"), "bn": ("shuffle", "sync", "split"), "schedule": ("cosine", "step"),
+           "arch": ("resnet18", "resnet50")}
+
+
+def preset(name):
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or a .yaml file")
+    return Config(**PRESETS[name])
+
+
+def _coerce(f, value):
+    """Parse a --set string (or a YAML scalar) into the field's type."""
+    kind = type(f.default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{f.name}: expected true/false, got {value!r}")
+    if kind is tuple:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+        try:
+            return tuple(int(v) for v in items)
+        except ValueError:
+            raise ConfigError(f"{f.name}: expected comma-separated integers, got {value!r}") from None
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{f.name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def apply_overrides(cfg, overrides):
+    """overrides: a dict, or a list of 'key=value' strings from --set."""
+    if isinstance(overrides, (list, tuple)):
+        pairs = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects key=value, got {item!r}")
+            pairs[key.strip()] = value.strip()
+        overrides = pairs
+    by_name = {f.name: f for f in fields(Config)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in by_name:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(by_name)}")
+        changes[key] = _coerce(by_name[key], value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def load(spec="demo", overrides=()):
+    """A preset name or a YAML file (optionally naming a `preset:` to start from), then --set."""
+    if spec in PRESETS:
+        return apply_overrides(preset(spec), overrides)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{spec}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{spec}: expected a mapping of config keys")
+    base = preset(doc.pop("preset")) if "preset" in doc else Config()
+    return apply_overrides(apply_overrides(base, doc), overrides)
+
+
+def dump(cfg, path):
+    Path(path).write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in cfg.to_dict().items()}, sort_keys=False))
+
+
+def validate(cfg, max_workers=1):
+    """Impossible values, each as one line, before anything expensive starts."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
+    if not cfg.T > 0:
+        raise ConfigError(f"T={cfg.T}: the temperature must be > 0")
+    if not 0 <= cfg.m < 1:
+        raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
+    for key in ("dim", "K", "batch_size", "epochs", "res", "report_every", "checkpoint_every_steps",
+                "keep_checkpoints", "bn_splits", "knn_k", "loader_workers"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("lr", "knn_t"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
+    for key in ("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+    if max_workers < 1:
+        raise ConfigError(f"the number of workers must be >= 1, got {max_workers}")
+    if cfg.batch_size < max_workers:
+        raise ConfigError(f"batch_size={cfg.batch_size} is smaller than the {max_workers} workers")
+    if cfg.K < cfg.batch_size:
+        raise ConfigError(f"K={cfg.K} is smaller than the global batch {cfg.batch_size}")
+    if cfg.K < max_workers:
+        raise ConfigError(f"K={cfg.K} cannot be sharded over {max_workers} workers")
+    for key in ("data", "knn_data"):
+        value = getattr(cfg, key)
+        if value and not os.path.exists(value):
+            raise ConfigError(f"{key}={value!r}: no such dataset directory")
+    return cfg
+
+
+def describe(cfg):
+    """The config as an aligned block for the start-up log."""
+    width = max(len(f.name) for f in fields(Config))
+    return "\n".join(f"  {f.name:<{width}} = {getattr(cfg, f.name)}" for f in fields(Config))
