@@ -1,0 +1,75 @@
+"""Encoders (torchvision ResNets with a MoCo head), split-BN and the momentum update."""
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that in train mode normalises each of `num_splits` sub-batches on its own.
+
+    Sample j belongs to split j % num_splits (as in the authors' single-GPU demo). The parameters
+    and buffers are those of BatchNorm2d, so state dicts are interchangeable; num_splits is not
+    saved and can be changed at any time with set_bn_splits.
+    """
+
+    def __init__(self, num_features, num_splits=1, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, input):
+        S = self.num_splits
+        if S == 1 or not self.training:
+            return super().forward(input)
+        N, C, H, W = input.shape
+        if N % S:
+            raise ValueError(f"SplitBatchNorm: batch {N} not divisible by num_splits {S}")
+        running_mean = self.running_mean.repeat(S) if self.track_running_stats else None
+        running_var = self.running_var.repeat(S) if self.track_running_stats else None
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:  # cumulative moving average, as BatchNorm2d
+            momentum = 1.0 / float(self.num_batches_tracked) if self.track_running_stats else 0.0
+        weight = self.weight.repeat(S) if self.affine else None
+        bias = self.bias.repeat(S) if self.affine else None
+        # (N, C) -> (N/S, S*C): channel s*C + c of row a is channel c of sample a*S + s
+        out = F.batch_norm(input.view(-1, S * C, H, W), running_mean, running_var,
+                           weight, bias, True, momentum, self.eps).view(N, C, H, W)
+        if self.track_running_stats:
+            self.running_mean.copy_(running_mean.view(S, C).mean(0))
+            self.running_var.copy_(running_var.view(S, C).mean(0))
+        return out
+
+
+def set_bn_splits(module: nn.Module, num_splits: int) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, SplitBatchNorm):
+            m.num_splits = num_splits
+    return module
+
+
+def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: int = 1) -> nn.Module:
+    """A torchvision ResNet whose `fc` is the MoCo head (v1: linear; v2: MLP when mlp=True)."""
+    if arch not in ("resnet18", "resnet50"):
+        raise ValueError(f"arch must be resnet18 or resnet50, got {arch!r}")
+    net = getattr(torchvision.models, arch)(
+        weights=None, num_classes=dim, norm_layer=partial(SplitBatchNorm, num_splits=num_splits))
+    if small_stem:  # 32px images: 3x3 stride-1 conv1 and no max-pool
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    if mlp:  # hidden width = feature width: 2048 for resnet50, 512 for resnet18
+        dim_mlp = net.fc.weight.shape[1]
+        net.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), net.fc)
+    return net
+
+
+@torch.no_grad()
+def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
+    """theta_k = m * theta_k + (1 - m) * theta_q; encoder_q may be wrapped by DDP."""
+    encoder_q = getattr(encoder_q, "module", encoder_q)
+    for param_q, param_k in zip(encoder_q.parameters(), encoder_k.parameters()):
+        param_k.mul_(m).add_(param_q.detach(), alpha=1.0 - m)
