@@ -1,0 +1,62 @@
+import pytest
+
+from moco_ray import config as C
+from moco_ray.train import main, parse_workers
+
+
+def test_presets_follow_the_papers():
+    v1, v2 = C.preset("moco-v1"), C.preset("moco-v2")
+    assert (v1.K, v1.m, v1.dim, v1.T, v1.mlp, v1.aug, v1.schedule) == (65536, 0.999, 128, 0.07, False, "v1", "step")
+    assert (v2.T, v2.mlp, v2.aug, v2.schedule) == (0.2, True, "v2", "cosine")
+    assert (v2.lr, v2.momentum, v2.weight_decay, v2.epochs, v2.batch_size) == (0.03, 0.9, 1e-4, 200, 256)
+    assert C.preset("demo").arch == "resnet18"
+
+
+def test_set_coerces_types():
+    cfg = C.apply_overrides(C.preset("moco-v2"), ["T=0.1", "K=1024", "mlp=false", "lr_steps=3,5", "arch=resnet18"])
+    assert (cfg.T, cfg.K, cfg.mlp, cfg.lr_steps, cfg.arch) == (0.1, 1024, False, (3, 5), "resnet18")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["nope=1"], "unknown config key 'nope'"),
+    (["K=abc"], "K: expected int"),
+    (["T=0"], "temperature must be > 0"),
+    (["m=1.0"], "momentum must be in [0, 1)"),
+    (["K=64", "batch_size=128"], "smaller than the global batch"),
+    (["batch_size=1"], "smaller than the 2 workers"),
+    (["bn=magic"], "bn='magic'"),
+    (["data=/does/not/exist"], "no such dataset"),
+])
+def test_bad_values_are_one_line_errors(sets, message):
+    with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        C.validate(C.load("demo", sets), max_workers=2)
+
+
+def test_yaml_config_round_trip(tmp_path):
+    cfg = C.apply_overrides(C.preset("moco-v2"), {"T": 0.07, "m": 0.99})
+    C.dump(cfg, tmp_path / "best.yaml")
+    assert C.load(str(tmp_path / "best.yaml")) == cfg
+    (tmp_path / "partial.yaml").write_text("preset: moco-v1\nK: 4096\n")
+    assert C.load(str(tmp_path / "partial.yaml")) == C.apply_overrides(C.preset("moco-v1"), {"K": 4096})
+
+
+@pytest.mark.parametrize("text, expected", [("2", 2), ("1:3", (1, 3)), ("2:2", 2)])
+def test_parse_workers(text, expected):
+    assert parse_workers(text) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "T=-1"], "temperature"),
+    (["--num-workers", "3:1"], "MIN (3) is larger than MAX (1)"),
+    (["--num-workers", "0:2"], "MIN must be >= 1"),
+    (["--num-workers", "1:4", "--set", "batch_size=2", "--set", "K=64"], "smaller than the 4 workers"),
+    (["--config", "nope"], "neither a preset"),
+    (["--set", "data=/no/such/dir"], "no such dataset"),
+])
+def test_cli_rejects_bad_input_before_ray_starts(argv, message, capsys, tmp_path):
+    import ray
+
+    assert main(argv + ["--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not ray.is_initialized()
