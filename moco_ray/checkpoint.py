@@ -47,29 +47,37 @@ def _describe(path):
     return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
-def save(out_dir, rank, world_size, state, queue_state, meta):
-    """Write this rank's part of a checkpoint into out_dir (a local temp dir that Ray uploads).
-
-    state: the model/optimizer/progress dict (only rank 0's is written). Collective: every rank calls it.
-    """
+def write_part(out_dir, rank, state, queue_state):
+    """This rank's files: its queue shard, and on rank 0 the model/optimizer/progress state."""
     out_dir = Path(out_dir)
-    t0 = time.perf_counter()
     torch.save(queue_state, out_dir / queue_file(rank))
     files = {queue_file(rank): _describe(out_dir / queue_file(rank))}
     if rank == 0:
         torch.save(state, out_dir / STATE)
         files[STATE] = _describe(out_dir / STATE)
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
+    return files
+
+
+def write_manifest(out_dir, parts, meta):
+    """parts: every rank's write_part() listing. Written atomically, after the files it lists."""
+    listing = {name: d for part in parts for name, d in part.items()}
+    manifest = dict(meta, format=FORMAT, world_size=len(parts), files=listing)
+    tmp = Path(out_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, Path(out_dir) / MANIFEST)
+
+
+def save(out_dir, rank, world_size, state, queue_state, meta):
+    """Write this rank's part of a checkpoint into out_dir (a local temp dir that Ray uploads into
+    the shared checkpoint directory). Collective: every rank calls it. Returns the seconds taken."""
+    t0 = time.perf_counter()
+    files = write_part(out_dir, rank, state, queue_state)
+    parts = [files]
+    if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, files)
-    else:
-        parts = [files]
     if rank == 0:
-        listing = {name: d for part in parts for name, d in part.items()}
-        manifest = dict(meta, format=FORMAT, world_size=world_size, files=listing)
-        tmp = out_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out_dir / MANIFEST)
+        write_manifest(out_dir, parts, meta)
     return time.perf_counter() - t0
 
 

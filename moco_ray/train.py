@@ -46,6 +46,12 @@ def backbone_of(encoder):
         encoder.fc = head
 
 
+def queue_age(queue, step):
+    """Age in steps of the oldest key written by training (initial random keys excluded)."""
+    written = queue.steps[queue.steps >= 0]
+    return step - int(written.min()) if len(written) else 0
+
+
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -70,8 +76,7 @@ def train_func(config):
     B = b * W
     torch.manual_seed(cfg.seed)
     model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp,
-                 small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed,
-                 rank=rank, world_size=W).to(device)
+                 small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed).to(device)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
 
@@ -175,7 +180,7 @@ def train_func(config):
                 "images": images_seen, "step_time_s": t_step - t_end, "data_wait_s": t_data - t_end,
                 "images_per_s": images_seen * W / (t_step - t_run), "batch_effective": B,
                 "world_size": W, "restarts": progress["starts"],
-                "queue_keys": model.queue.size, "queue_age_steps": model.queue.age(progress["step"]),
+                "queue_keys": len(model.queue), "queue_age_steps": queue_age(model.queue, progress["step"]),
                 "knn_top1": progress["knn_top1"], "knn_init_top1": progress["knn_init_top1"],
                 "rss_bytes": _rss_bytes(),
             }
@@ -352,7 +357,8 @@ def main(argv=None):
 
     if args.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=args.address, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(address=args.address)
     use_gpu = {"true": True, "false": False}.get(args.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
