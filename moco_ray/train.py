@@ -234,7 +234,7 @@ class _SampleLog:
         self.rank = rank
 
     def write(self, epoch, step, sample_id):
-        self.f.write(json.dumps({"segment": self.segment, "rank": self.rank, "epoch": epoch,
+        self.f.write(json.dumps({"segment": self.segment, "rank": self.rank, "pid": os.getpid(), "epoch": epoch,
                                  "step": step, "ids": sample_id.tolist()}) + "\n")
         self.f.flush()
 
@@ -275,6 +275,8 @@ def build_parser():
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-workers", default="2", help="N, or MIN:MAX for elastic training (default 2)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group failures to survive")
+    p.add_argument("--resize-interval-s", type=float, default=60.0,
+                   help="with MIN:MAX, how often Ray checks whether the group can grow")
     p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
     p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
                    help="where runs, checkpoints and metrics are stored (shared storage on a cluster)")
@@ -321,13 +323,15 @@ def run_dir_name(args, storage_path):
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, callbacks=()):
+def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, callbacks=(),
+                 resize_interval_s=60.0):
     """The TorchTrainer for one run; the sweep builds its trials with this too."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                      resources_per_worker=None if use_gpu else {"CPU": 1})
+                                      resources_per_worker=None if use_gpu else {"CPU": 1},
+                                      elastic_resize_monitor_interval_s=resize_interval_s)
     run = ray.train.RunConfig(
         name=name, storage_path=str(storage_path),
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
@@ -367,7 +371,8 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
-                           callbacks=[ProgressCallback(storage_path / name)])
+                           callbacks=[ProgressCallback(storage_path / name)],
+                           resize_interval_s=args.resize_interval_s)
     result = trainer.fit()
     wall = time.perf_counter() - t0
     m = result.metrics or {}

@@ -7,11 +7,37 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session: starting Ray costs seconds."""
+def _ray_shutdown_at_end():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(_ray_shutdown_at_end):
+    """One local Ray instance shared by the tests (starting Ray costs seconds). Tests that need a
+    multi-node `ray.cluster_utils.Cluster` shut it down; the next user starts it again."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield ray
-    ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The embedded digits dataset, built once per session with the real converter."""
+    from data_prep.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("digits"))
+
+
+def tiny_run_args(digits, storage, name, *extra):
+    """A CPU-sized MoCo run on the digits: resnet18 small stem at 32px."""
+    sets = ["data=" + str(digits["train"]), "knn_data=" + str(digits["val"]), "K=512", "batch_size=64",
+            "report_every=1", "checkpoint_every_steps=8", "knn_every=1", "knn_k=20", "loader_workers=1"]
+    args = ["--storage-path", str(storage), "--name", name, "--num-workers", "2"]
+    for s in sets:
+        args += ["--set", s]
+    return args + list(extra)

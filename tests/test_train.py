@@ -1,0 +1,96 @@
+"""End to end on a real local Ray: the driver, TorchTrainer with 2 gloo workers, checkpoints, resume."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_run_args
+from moco_ray import checkpoint
+from moco_ray.progress import read_metrics
+from moco_ray.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def steps_of(rows):
+    return [r for r in rows if r.get("event") in ("step", "epoch", "end")]
+
+
+def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
+    assert main(tiny_run_args(digits, tmp_path, "short", "--set", "epochs=3")) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "random init" in out
+
+    rows = read_metrics(tmp_path / "short")
+    steps = steps_of(rows)
+    losses = [r["loss"] for r in steps]
+    n_steps = len(digits_train_ids(digits)) // 64 * 3
+    assert steps[-1]["step"] == n_steps and steps[-1]["epoch"] == 3
+    # the queue (K=512) is full of real keys after 8 steps; from then on the loss must fall
+    assert sum(losses[-4:]) / 4 < sum(losses[8:12]) / 4, losses
+    assert rows[-1]["knn_top1"] is not None and rows[0]["knn_init_top1"] is not None
+
+    final = Path(rows[-1]["checkpoint"])
+    manifest = checkpoint.verify(final)
+    assert manifest["step"] == n_steps and manifest["world_size"] == 2
+
+    # A corrupt newest checkpoint is skipped: --resume continues from the previous one, and the step
+    # and epoch counters go on from there.
+    previous = sorted(p for p in (tmp_path / "short").glob("checkpoint_*") if p != final)[-1]
+    with open(final / checkpoint.queue_file(1), "r+b") as f:
+        f.write(b"corrupt!")
+    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", "epochs=4")) == 0
+    rows = read_metrics(tmp_path / "short")
+    start = [r for r in rows if r.get("event") == "start"][-1]
+    assert start["resumed_from"] == str(previous)
+    assert start["step"] == checkpoint.verify(previous)["step"] < n_steps
+    assert steps_of(rows)[-1]["step"] == n_steps * 4 // 3
+
+
+def digits_train_ids(digits):
+    from moco_ray.data import dataset_info
+
+    return range(dataset_info(digits["train"])["n"])
+
+
+def test_existing_run_name_needs_resume(ray_session, digits, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert main(tiny_run_args(digits, tmp_path, "taken")) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_local_head(digits, tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               RAY_USAGE_STATS_ENABLED="0")
+    ray = str(Path(sys.executable).parent / "ray")
+    # --block keeps the head in this child process: terminating it stops this cluster only, not the
+    # test session's own Ray instance (which `ray stop` would kill too).
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--port", "6390", "--num-cpus", "2",
+                             "--dashboard-port", "8299", "--include-dashboard", "true",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            up = subprocess.run([ray, "job", "list", "--address", "http://127.0.0.1:8299"], env=env,
+                                capture_output=True)
+            if up.returncode == 0:
+                break
+            time.sleep(1)
+        args = " ".join(tiny_run_args(digits, tmp_path, "submitted", "--set", "epochs=1", "--set", "max_steps=4"))
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", "http://127.0.0.1:8299", "--working-dir", str(REPO),
+             "--submission-id", "moco-test", "--", "python", "-m", "moco_ray.train", *args.split()],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        status = subprocess.run([ray, "job", "status", "--address", "http://127.0.0.1:8299", "moco-test"],
+                                env=env, capture_output=True, text=True)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert "[moco_ray] summary" in job.stdout
+        assert (tmp_path / "submitted").is_dir()
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
