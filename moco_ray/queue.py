@@ -13,8 +13,11 @@ def shard_size(K: int, W: int, r: int) -> int:
 
 
 def seeded_generator(seed: int, n: int) -> torch.Generator:
-    """A CPU generator seeded by the pair (seed, n), identical on every worker."""
-    return torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 32) | (n & 0xFFFFFFFF))
+    """A CPU generator seeded by the pair (seed, n), identical on every worker.
+
+    The CPU generator (mt19937) keeps only 32 bits of its seed: mix the pair into 32 bits, so
+    that for one seed every n < 2**32 gets its own stream and seeds differ at every n."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + n) % 2**32)
 
 
 class KeyQueue:
