@@ -1,6 +1,15 @@
 """The one metric vocabulary. Each training metric is named once here; the per-worker loop fills a
-dict with these keys, which goes both to ray.train.report and to the worker's Prometheus endpoint."""
+dict with these keys, which goes both to ray.train.report (and from there to metrics.jsonl and the
+run report) and to the worker's Prometheus endpoint.
+
+    python -m moco_ray.metrics        # the vocabulary as a Markdown table (the README's list)
+"""
+import logging
+import math
+import socket
 from dataclasses import dataclass
+
+log = logging.getLogger("moco_ray")
 
 
 @dataclass(frozen=True)
@@ -9,65 +18,138 @@ class Metric:
     kind: str       # counter | gauge | histogram (Prometheus type)
     unit: str
     help: str
+    name: str       # Prometheus family name (a counter's sample is exposed as NAME_total)
+    optional: bool = False  # exported only once a worker reports it (GPU memory on GPU workers)
+
+    @property
+    def samples(self):
+        """The sample names a scrape shows for this metric."""
+        if self.kind == "counter":
+            return (self.name + "_total",)
+        if self.kind == "histogram":
+            return tuple(self.name + s for s in ("_bucket", "_sum", "_count"))
+        return (self.name,)
 
 
 PREFIX = "moco_"
+DEFAULT_PORT = 9400  # worker i on a node serves on metrics_port + local_rank i
+
+# Step and data-wait times span ~1 ms (a prefetched batch) to ~1 min (a CPU step of a big model).
+TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                float("inf"))
 
 VOCABULARY = [
-    Metric("images", "counter", "images", "Images processed by this worker since it started"),
-    Metric("step_time_s", "histogram", "seconds", "Wall time of one optimizer step, data wait included"),
-    Metric("data_wait_s", "histogram", "seconds", "Time spent waiting for the next batch"),
-    Metric("loss", "gauge", "nats", "InfoNCE loss of the last step"),
-    Metric("lr", "gauge", "1", "Learning rate of the last step"),
-    Metric("batch_effective", "gauge", "images", "Effective global batch b*W"),
-    Metric("world_size", "gauge", "workers", "Number of training workers"),
-    Metric("restarts", "counter", "1", "Worker-group starts seen by this run (restarts and resizes)"),
-    Metric("queue_keys", "gauge", "keys", "Keys held by this worker's queue shard"),
-    Metric("queue_age_steps", "gauge", "steps", "Age of the oldest key in this shard, in steps"),
-    Metric("knn_top1", "gauge", "percent", "kNN top-1 accuracy of the query encoder"),
-    Metric("rss_bytes", "gauge", "bytes", "Resident memory of the worker process"),
-    Metric("gpu_memory_bytes", "gauge", "bytes", "GPU memory allocated by torch (GPU workers only)"),
+    Metric("images", "counter", "images", "Images processed by this worker since it started",
+           "moco_images"),
+    Metric("step_time_s", "histogram", "seconds", "Wall time of one optimizer step, data wait included",
+           "moco_step_time_seconds"),
+    Metric("data_wait_s", "histogram", "seconds", "Time spent waiting for the next batch",
+           "moco_data_wait_seconds"),
+    Metric("images_per_s", "gauge", "images/s", "Global images/s (all workers) since this worker started",
+           "moco_images_per_second"),
+    Metric("step", "gauge", "steps", "Optimizer steps completed by the run (goes back after a restart)",
+           "moco_step"),
+    Metric("epoch", "gauge", "epochs", "Epochs completed (the 0-based index of the current epoch)", "moco_epoch"),
+    Metric("loss", "gauge", "nats", "InfoNCE loss of the last step", "moco_loss"),
+    Metric("lr", "gauge", "1", "Learning rate of the last step", "moco_lr"),
+    Metric("batch_effective", "gauge", "images", "Effective global batch b*W", "moco_batch_effective"),
+    Metric("world_size", "gauge", "workers", "Number of training workers", "moco_world_size"),
+    Metric("restarts", "counter", "restarts",
+           "Worker-group restarts and resizes this run has gone through", "moco_restarts"),
+    Metric("queue_keys", "gauge", "keys", "Keys held by this worker's queue shard", "moco_queue_keys"),
+    Metric("queue_age_steps", "gauge", "steps", "Age of the oldest key in this shard, in steps",
+           "moco_queue_age_steps"),
+    Metric("knn_top1", "gauge", "percent", "kNN top-1 accuracy of the query encoder (NaN before the first)",
+           "moco_knn_top1_percent"),
+    Metric("rss_bytes", "gauge", "bytes", "Resident memory of the worker process", "moco_rss_bytes"),
+    Metric("gpu_memory_bytes", "gauge", "bytes", "GPU memory allocated by torch (GPU workers only)",
+           "moco_gpu_memory_bytes", optional=True),
 ]
+BY_KEY = {m.key: m for m in VOCABULARY}
+LABELS = ("run", "rank", "node")
 
 # Progress and bookkeeping fields that every report carries besides the metrics above.
-PROGRESS_KEYS = ("step", "epoch", "samples_in_epoch", "steps_per_epoch", "total_steps", "images_per_s",
-                 "accuracy", "data_wait_share", "event")
+PROGRESS_KEYS = ("event", "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
+                 "knn_init_top1", "resumed_from", "checkpoint_save_s", "train_s")
 
 
 class WorkerMetrics:
-    """A worker's Prometheus endpoint: every metric of VOCABULARY, labelled by run, rank and node."""
+    """A worker's Prometheus endpoint: every metric of VOCABULARY, labelled by run, rank and node.
+
+    update(report) is cheap (one locked add/set/observe per metric) and runs every step; the HTTP
+    server is a daemon thread of prometheus_client. A port that is taken is a warning, not a crash:
+    training matters more than its dashboard.
+    """
 
     def __init__(self, port, run, rank, node=None):
-        import socket
-
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
-        labels = {"run": run, "rank": str(rank), "node": node or socket.gethostname()}
-        make = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
-        self.series = {}
+        self.labels = {"run": str(run), "rank": str(rank), "node": node or socket.gethostname()}
+        self.families, self.series, self.counted = {}, {}, {}
         for m in VOCABULARY:
-            name = PREFIX + m.key.removesuffix("_s").removesuffix("_bytes")
-            name += {"seconds": "_seconds", "bytes": "_bytes"}.get(m.unit, "")
-            metric = make[m.kind](name, m.help, list(labels), registry=self.registry)
-            self.series[m.key] = (m.kind, metric.labels(**labels))
-        self.counted = {}
-        self.server, self.thread = start_http_server(port, registry=self.registry)
+            if m.kind == "counter":
+                family = Counter(m.name, m.help, LABELS, registry=self.registry)
+            elif m.kind == "histogram":
+                family = Histogram(m.name, m.help, LABELS, registry=self.registry, buckets=TIME_BUCKETS)
+            else:
+                family = Gauge(m.name, m.help, LABELS, registry=self.registry)
+            self.families[m.key] = family
+            if not m.optional:
+                self._child(m)
         self.port = port
+        self.server = self.thread = None
+        try:
+            self.server, self.thread = start_http_server(port, registry=self.registry)
+        except OSError as e:
+            log.warning("metrics: cannot serve on port %d (%s); this worker exports no metrics", port, e)
+
+    def _child(self, m):
+        child = self.families[m.key].labels(**self.labels)
+        if m.kind == "gauge":
+            child.set(math.nan)  # "no value yet", not a misleading 0
+        self.series[m.key] = child
+        return child
 
     def update(self, values):
-        """values: a report dict; counters carry cumulative totals, gauges and histograms samples."""
-        for key, (kind, series) in self.series.items():
-            value = values.get(key)
-            if value is None:
+        """values: a report dict; counters carry cumulative totals, gauges and histograms samples.
+        Keys that are missing or None are left as they were."""
+        for key, value in values.items():
+            m = BY_KEY.get(key)
+            if m is None or value is None:
                 continue
-            if kind == "counter":
-                series.inc(max(value - self.counted.get(key, 0), 0))
-                self.counted[key] = value
-            elif kind == "histogram":
-                series.observe(value)
+            child = self.series.get(key) or self._child(m)
+            if m.kind == "counter":
+                delta = value - self.counted.get(key, 0)
+                if delta > 0:
+                    child.inc(delta)
+                self.counted[key] = max(value, self.counted.get(key, 0))
+            elif m.kind == "histogram":
+                child.observe(value)
             else:
-                series.set(value)
+                child.set(value)
+
+    def scrape(self):
+        """The text a scrape of this endpoint returns (without HTTP)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
 
     def close(self):
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def markdown_table():
+    """The vocabulary as the README documents it."""
+    rows = ["| Prometheus sample | type | unit | `ray.train.report` key | meaning |", "|---|---|---|---|---|"]
+    for m in VOCABULARY:
+        sample = m.samples[0] if m.kind != "histogram" else m.name + "_{bucket,sum,count}"
+        rows.append(f"| `{sample}` | {m.kind} | {m.unit} | `{m.key}` | {m.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
