@@ -1,28 +1,102 @@
-"""Driver-side bookkeeping of a run: every report is appended to RUN_DIR/metrics.jsonl (what
-`moco_ray.report` reads), progress is printed, and every (re)start or resize gets one line."""
+"""Bookkeeping and live progress of a run.
+
+- ProgressCallback runs in the Ray Train controller (an actor on the driver's node): it appends rank
+  0's metrics of every report to RUN_DIR/metrics.jsonl (what `moco_ray.report` reads) and prints one
+  line per start, restart and resize.
+- watch(run_dir, fit_fn) runs on the driver: it calls fit_fn() (trainer.fit) in the calling thread
+  and, meanwhile, tails RUN_DIR/metrics.jsonl from a daemon thread and shows the progress: a tqdm bar
+  when stdout is a terminal, one line per report when it is not (`ray job logs`, CI).
+"""
 import json
+import math
+import sys
+import threading
 import time
 from pathlib import Path
 
 import ray.train
 
 METRICS_FILE = "metrics.jsonl"
+PREFIX = "[moco_ray]"
 
 
 def read_metrics(run_dir):
+    """Every record of RUN_DIR/metrics.jsonl, in the order written (a torn last line is skipped)."""
     path = Path(run_dir) / METRICS_FILE
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    return records
+
+
+def is_step_report(m):
+    return m.get("event") != "start" and m.get("step") is not None and m.get("total_steps")
+
+
+def format_eta(seconds):
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0)))
+    h, rest = divmod(seconds, 3600)
+    mins, s = divmod(rest, 60)
+    return f"{h}h{mins:02d}m" if h else f"{mins}m{s:02d}s" if mins else f"{s}s"
+
+
+def epochs_of(m):
+    """(fractional epochs done, epochs in the run) from a step report."""
+    spe = m.get("steps_per_epoch") or 0
+    if not spe:
+        return m.get("epoch"), None
+    return m["step"] / spe, math.ceil(m["total_steps"] / spe)
+
+
+def _num(v, fmt):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def postfix(m):
+    """loss, lr, images/s, world size, kNN top-1 of a report, for the bar and for the lines."""
+    knn = m.get("knn_top1")
+    return (f"loss {_num(m.get('loss'), '.4f')} lr {_num(m.get('lr'), '.4g')} "
+            f"{_num(m.get('images_per_s'), '.1f')} img/s W={m.get('world_size', '-')} "
+            f"kNN {'-' if knn is None else f'{knn:.1f}%'}")
+
+
+def format_line(m, eta_s):
+    done, epochs = epochs_of(m)
+    ep = f"{done:.2f}/{epochs}" if epochs else f"{m.get('epoch')}"
+    return (f"{PREFIX} epoch {ep} step {m['step']}/{m['total_steps']} {postfix(m)} "
+            f"ETA {format_eta(eta_s)}")
+
+
+def start_line(m, previous_world, max_step):
+    """The line for an event="start" report: a fresh start, a restart or a resize."""
+    step, world = m.get("step", 0), m.get("world_size")
+    if previous_world is None and m.get("resumed_from") is None:
+        return (f"{PREFIX} started: world size {world}, global batch {m.get('batch_effective')}, "
+                f"{m.get('total_steps')} steps")
+    what = "resize" if previous_world not in (None, world) else "restart"
+    return (f"{PREFIX} {what}: world size {previous_world} -> {world}, resumed from step {step} "
+            f"({m.get('resumed_from') or 'no checkpoint'}), {max(max_step - step, 0)} steps redone")
 
 
 class ProgressCallback(ray.train.UserCallback):
-    """Runs in the Ray Train controller: sees rank 0's metrics of every report."""
+    """Runs in the Ray Train controller: sees rank 0's metrics of every report.
 
-    def __init__(self, run_dir):
+    print_reports: also print one line per report from the controller (for runs without watch();
+    with watch() the driver prints them, so the default is not to)."""
+
+    def __init__(self, run_dir, print_reports=False):
         self.run_dir = Path(run_dir)
+        self.print_reports = print_reports
         self.world_size = None
         self.max_step = 0
-        self.t0 = time.time()
+        self.segment_start = None
 
     def after_report(self, run_context, metrics, checkpoint):
         m = dict(metrics[0]) if metrics else {}
@@ -32,30 +106,142 @@ class ProgressCallback(ray.train.UserCallback):
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(m, default=str) + "\n")
         if m.get("event") == "start":
-            self._started(m)
+            print(start_line(m, self.world_size, self.max_step), flush=True)
+            self.world_size = m.get("world_size")
+            self.segment_start = (m["time"], m.get("step", 0))
             return
-        self.max_step = max(self.max_step, m.get("step", 0))
-        print(self.line(m), flush=True)
+        if is_step_report(m):
+            self.max_step = max(self.max_step, m["step"])
+            if self.print_reports:
+                print(format_line(m, _eta(self.segment_start, m)), flush=True)
 
-    def _started(self, m):
-        step, world = m["step"], m["world_size"]
-        if self.world_size is None and m.get("resumed_from") is None:
-            print(f"[moco_ray] started: world size {world}, global batch {m['batch_effective']}, "
-                  f"{m['total_steps']} steps", flush=True)
+
+def _eta(segment_start, m):
+    """Seconds left at the rate of steps since the last (re)start."""
+    if segment_start is None:
+        return None
+    t0, step0 = segment_start
+    done = m["step"] - step0
+    if done <= 0:
+        return None
+    return (m["time"] - t0) / done * (m["total_steps"] - m["step"])
+
+
+class _Tail:
+    """New complete lines of a JSONL file that another process appends to."""
+
+    def __init__(self, path, from_end=True):
+        self.path = Path(path)
+        self.offset = 0
+        if from_end and self.path.exists():
+            self.offset = self.path.stat().st_size
+
+    def read(self):
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self.offset:  # truncated or replaced
+            self.offset = 0
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+        return records
+
+
+class LiveView:
+    """Shows records: a tqdm bar (tty) or one line per step report (not a tty). Start, restart and
+    resize lines come from the ProgressCallback; here a (re)start begins a new bar."""
+
+    def __init__(self, file=None, tty=None):
+        self.file = file or sys.stdout
+        self.tty = self.file.isatty() if tty is None else tty
+        self.bar = None
+        self.segment_start = None
+        self.lines = 0
+
+    def feed(self, records):
+        for m in records:
+            if m.get("event") == "start":
+                self._close_bar()
+                self.segment_start = (m.get("time", time.time()), m.get("step", 0))
+                if self.tty and m.get("total_steps"):
+                    self._open_bar(m["total_steps"])
+            elif is_step_report(m):
+                m.setdefault("time", time.time())
+                if self.segment_start is None:  # watching a run that was already going
+                    self.segment_start = (m["time"], m["step"])
+                if self.tty:
+                    self._update_bar(m)
+                else:
+                    print(format_line(m, _eta(self.segment_start, m)), file=self.file, flush=True)
+                    self.lines += 1
+
+    def _open_bar(self, total):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=self.segment_start[1], unit="step", file=self.file,
+                        dynamic_ncols=True, miniters=1, mininterval=0, leave=True)
+
+    def _update_bar(self, m):
+        if self.bar is None:
+            self._open_bar(m["total_steps"])
+        done, epochs = epochs_of(m)
+        self.bar.total = m["total_steps"]
+        self.bar.set_description_str(f"epoch {done:.2f}/{epochs}" if epochs else "epoch ?", refresh=False)
+        self.bar.set_postfix_str(postfix(m), refresh=False)
+        if m["step"] > self.bar.n:
+            self.bar.update(m["step"] - self.bar.n)
         else:
-            what = "resize" if self.world_size not in (None, world) else "restart"
-            print(f"[moco_ray] {what}: world size {self.world_size} -> {world}, resumed from step {step} "
-                  f"({m.get('resumed_from') or 'no checkpoint'}), {max(self.max_step - step, 0)} steps redone",
-                  flush=True)
-        self.world_size = world
+            self.bar.refresh()
+        self.lines += 1
 
-    def line(self, m):
-        total = m.get("total_steps") or 0
-        elapsed = m["time"] - self.t0
-        done = m.get("step", 0)
-        eta = elapsed / done * (total - done) if done and total else float("nan")
-        knn = m.get("knn_top1")
-        return (f"[moco_ray] epoch {m.get('epoch')} step {done}/{total} "
-                f"loss {m.get('loss', float('nan')):.4f} lr {m.get('lr', float('nan')):.4f} "
-                f"{m.get('images_per_s', 0):.1f} img/s W={m.get('world_size')} "
-                f"kNN {'-' if knn is None else f'{knn:.1f}%'} ETA {eta:.0f}s")
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self._close_bar()
+
+
+def watch(run_dir, fit_fn, file=None, tty=None, poll_s=1.0):
+    """Call fit_fn() and show the run's progress while it runs; returns what fit_fn returns.
+
+    fit_fn runs in the calling thread (TorchTrainer.fit installs its Ctrl-C handler only in the main
+    thread); a daemon thread tails RUN_DIR/metrics.jsonl from its current end (so a --resume shows only
+    the new reports), and the records left when fit_fn returns or raises are shown before returning."""
+    tail = _Tail(Path(run_dir) / METRICS_FILE)
+    view = LiveView(file, tty)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(poll_s):
+            try:
+                view.feed(tail.read())
+            except Exception as e:  # the view must never take the run down
+                print(f"{PREFIX} progress view: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=poll, name="moco_ray-progress", daemon=True)
+    thread.start()
+    try:
+        return fit_fn()
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            view.feed(tail.read())
+        finally:
+            view.close()
