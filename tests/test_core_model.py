@@ -1,0 +1,67 @@
+"""Encoders and heads, torchvision-compatible state dicts, and the momentum update."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from moco_ray.model import SplitBatchNorm, build_encoder, momentum_update
+
+
+@pytest.mark.parametrize("arch,hidden", [("resnet18", 512), ("resnet50", 2048)])
+def test_heads(arch, hidden):
+    v1 = build_encoder(arch, 128, mlp=False, small_stem=False)
+    assert isinstance(v1.fc, nn.Linear) and v1.fc.out_features == 128
+    v2 = build_encoder(arch, 128, mlp=True, small_stem=False)
+    assert [type(m) for m in v2.fc] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert v2.fc[0].in_features == v2.fc[0].out_features == hidden and v2.fc[2].out_features == 128
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("mlp", [False, True])
+def test_backbone_loads_into_torchvision_with_only_fc_differing(arch, mlp):
+    encoder = build_encoder(arch, 128, mlp=mlp, small_stem=False, num_splits=4)
+    state = encoder.state_dict()
+    assert any(k.startswith("fc.") for k in state)  # the head lives under fc.*
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = getattr(torchvision.models, arch)().load_state_dict(backbone, strict=False)
+    assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
+
+
+def test_small_stem_keeps_32px_resolution():
+    encoder = build_encoder("resnet18", 32, mlp=True, small_stem=True)
+    assert encoder.conv1.kernel_size == (3, 3) and encoder.conv1.stride == (1, 1)
+    assert isinstance(encoder.maxpool, nn.Identity)
+    features = {}
+    encoder.layer4.register_forward_hook(lambda m, i, o: features.update(out=o))
+    assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert features["out"].shape[-1] == 4  # 32 / 8: no stride-2 conv1, no max-pool
+    assert all(type(m) is SplitBatchNorm for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+class Wrapper(nn.Module):  # what DistributedDataParallel looks like from outside
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_momentum_update():
+    torch.manual_seed(0)
+    q = build_encoder("resnet18", 8, mlp=True, small_stem=True)
+    k = copy.deepcopy(q)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(torch.randn_like(p))
+    k0 = [p.clone() for p in k.parameters()]
+    momentum_update(Wrapper(q), k, 0.99)
+    for p_q, p_k, p_k0 in zip(q.parameters(), k.parameters(), k0):
+        torch.testing.assert_close(p_k, 0.99 * p_k0 + 0.01 * p_q)
+    assert all(p.grad is None for p in k.parameters())
+
+
+def test_sync_bn_conversion_keeps_the_state_dict():
+    encoder = build_encoder("resnet18", 8, mlp=False, small_stem=True)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(encoder))
+    assert not any(isinstance(m, SplitBatchNorm) for m in synced.modules())
+    assert list(synced.state_dict()) == list(encoder.state_dict())
