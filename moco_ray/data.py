@@ -1,0 +1,337 @@
+"""Data for MoCo: the elastic epoch order, the ffcv two-view loader, and the ImageFolder fallback.
+
+A dataset path is either a converted directory (manifest.parquet + .beton shards, written by
+`python -m data_prep.convert`) or an ImageFolder tree. Both give the same batches:
+
+    train: (view_q, view_k, label, sample_id)   two independently augmented views of each sample
+    eval:  (images, label, sample_id)           resize + center crop, every sample exactly once
+
+Order. The rows of an epoch are `epoch_order(seed, epoch, n)`, a pure function of its arguments.
+From position `start` on, the order is cut into global windows of batch_per_worker * world_size
+rows; rank r takes the r-th slice of each full window and the final partial window is dropped.
+After k steps, start + k * b * W rows of the epoch are consumed, so resuming from that position
+with any other world size sees every row of the epoch exactly once.
+
+ffcv reads one .beton file per Loader, so a converted dataset with several shards gets one Loader
+per shard (each compiles its pipeline with numba once per process, a few seconds; they are cached).
+Every shard's Loader is fed, through a registered TraversalOrder, exactly this rank's rows that
+live in that shard, in epoch order; the batches are reassembled in the epoch order from their
+outputs. Fewer shards mean fewer compilations.
+"""
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep import manifest as M
+from moco_ray.augment import augment
+
+CROP_SCALE = (0.2, 1.0)      # MoCo's RandomResizedCrop scale
+EVAL_CROP = 224 / 256        # center crop / resize, as the ImageNet evaluation protocol
+
+
+# ---------------------------------------------------------------------------------------------
+# order
+
+
+def epoch_order(seed, epoch, n):
+    """The row order of an epoch: a permutation of range(n), a pure function of its arguments."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
+
+
+def rank_indices(order, start, batch_per_worker, rank, world_size):
+    """The rows rank `rank` reads from position `start` of `order` on, one batch after another."""
+    b, W = int(batch_per_worker), int(world_size)
+    if b < 1 or W < 1 or not 0 <= rank < W:
+        raise ValueError(f"bad slice: batch_per_worker={b}, rank={rank}, world_size={W}")
+    if not 0 <= start <= len(order):
+        raise ValueError(f"start={start} is outside the epoch of {len(order)} samples")
+    rest = np.asarray(order)[start:]
+    steps = len(rest) // (b * W)
+    return rest[: steps * b * W].reshape(steps, W, b)[:, rank].reshape(-1)
+
+
+def eval_rows(n, rank, world_size):
+    """Contiguous, disjoint slices that together cover range(n)."""
+    return np.array_split(np.arange(n), world_size)[rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+
+
+def _is_converted(path):
+    return (Path(path) / M.MANIFEST).exists()
+
+
+def _check(path):
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such dataset directory: {path}")
+    return path
+
+
+@lru_cache(maxsize=8)
+def _image_folder(path):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"{path} is neither a converted dataset (no {M.MANIFEST}) nor an "
+                         f"ImageFolder tree: {e}") from None
+
+
+def dataset_info(path):
+    """dict(n, classes, num_classes) of a converted dataset or an ImageFolder tree."""
+    path = _check(path)
+    if _is_converted(path):
+        meta = M.read_metadata(path)
+        n, classes = meta["n"], meta["classes"]
+        missing = [s["file"] for s in meta["shards"] if not (path / s["file"]).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shard {missing[0]} listed in the manifest is missing")
+    else:
+        folder = _image_folder(str(path.resolve()))
+        n, classes = len(folder.samples), list(folder.classes)
+    return {"n": n, "classes": classes, "num_classes": len(classes)}
+
+
+def _default_workers():
+    return len(os.sched_getaffinity(0))
+
+
+class Batches:
+    """An iterable of batches with a length (the number of batches one iteration yields)."""
+
+    def __init__(self, steps, make_iter):
+        self.steps, self._make_iter = steps, make_iter
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return self._make_iter()
+
+
+def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world_size, res,
+                      aug="v2", device="cpu", num_workers=None):
+    """Two augmented views per sample: yields (view_q, view_k, label, sample_id), the views float32
+    NCHW normalised on `device`, label and sample_id int64. len() = steps left in this epoch."""
+    path = _check(path)
+    n = dataset_info(path)["n"]
+    b = int(batch_per_worker)
+    rows = rank_indices(epoch_order(seed, epoch, n), start, b, rank, world_size)
+    sizes = [b] * (len(rows) // b)
+    num_workers = _default_workers() if num_workers is None else int(num_workers)
+    device = torch.device(device)
+
+    def finish(views, label, sid):
+        q, k = (augment(v.to(device, non_blocking=True), aug) for v in views)
+        return q, k, label, sid
+
+    if _is_converted(path):
+        batches = lambda: _ffcv_batches(path, rows, sizes, "train", res, num_workers, device)  # noqa: E731
+    else:
+        batches = lambda: _folder_batches(path, rows, b, "train", res, num_workers, device)  # noqa: E731
+    return Batches(len(sizes), lambda: (finish(*batch) for batch in batches()))
+
+
+def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", num_workers=None):
+    """Deterministic, un-augmented batches (images, label, sample_id) of this rank's slice; the
+    slices of all ranks cover every sample exactly once."""
+    path = _check(path)
+    rows = eval_rows(dataset_info(path)["n"], rank, world_size)
+    sizes = [batch_size] * (len(rows) // batch_size) + ([len(rows) % batch_size] if len(rows) % batch_size else [])
+    num_workers = _default_workers() if num_workers is None else int(num_workers)
+    device = torch.device(device)
+
+    def finish(views, label, sid):
+        return augment(views[0].to(device, non_blocking=True), None), label, sid
+
+    if _is_converted(path):
+        batches = lambda: _ffcv_batches(path, rows, sizes, "eval", res, num_workers, device)  # noqa: E731
+    else:
+        batches = lambda: _folder_batches(path, rows, batch_size, "eval", res, num_workers, device)  # noqa: E731
+    return Batches(len(sizes), lambda: (finish(*batch) for batch in batches()))
+
+
+# ---------------------------------------------------------------------------------------------
+# ffcv
+
+
+def _register_order():
+    from ffcv.loader.loader import ORDER_MAP
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class FeedOrder(TraversalOrder):
+        """Yields the order set on it before each iteration (ffcv calls sample_order in iter())."""
+        order = None
+
+        def sample_order(self, epoch):
+            return self.indices if self.order is None else self.order
+
+    ORDER_MAP[FeedOrder] = FeedOrder    # Loader(order=...) only accepts registered orders
+    return FeedOrder
+
+
+_LOADERS = {}
+
+
+def _pipelines(kind, res):
+    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
+                                      RandomResizedCropRGBImageDecoder)
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    ints = {M.LABEL: [IntDecoder(), ToTensor()], M.ID: [IntDecoder(), ToTensor()]}
+    if kind == "eval":
+        return {M.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP), ToTensor(),
+                          ToTorchImage()], **ints}
+
+    def view():  # fresh op instances per view: ffcv ops keep state and must not be shared
+        return RandomResizedCropRGBImageDecoder((res, res), scale=CROP_SCALE), [
+            RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
+
+    (dec_q, ops_q), (dec_k, ops_k) = view(), view()
+    return {M.IMAGE: [dec_q, *ops_q], **ints,
+            "image_k": PipelineSpec(M.IMAGE, decoder=dec_k, transforms=ops_k)}
+
+
+def _shard_loader(shard_path, kind, res, chunk, num_workers):
+    """One ffcv Loader per (shard file, pipeline), kept for the life of the process so that its
+    numba compilation is paid once; a rewritten shard file gets a new Loader."""
+    from ffcv.loader import Loader
+
+    st = os.stat(shard_path)
+    key = (str(shard_path), st.st_ino, st.st_mtime_ns, kind, res, chunk, num_workers)
+    if key not in _LOADERS:
+        torch_threads = torch.get_num_threads()
+        _LOADERS[key] = Loader(str(shard_path), batch_size=chunk, num_workers=max(1, num_workers),
+                               order=_feed_order(), pipelines=_pipelines(kind, res),
+                               drop_last=False, batches_ahead=2)
+        torch.set_num_threads(torch_threads)
+    return _LOADERS[key]
+
+
+@lru_cache(maxsize=None)
+def _feed_order():
+    return _register_order()
+
+
+class _ShardStream:
+    """The samples of one shard, in the order given, as ffcv decodes them (lazily started)."""
+
+    def __init__(self, loader, local_rows):
+        self.loader, self.local_rows = loader, local_rows
+        self.it, self.parts = None, []
+        self.names = list(loader.pipeline_specs)   # the order of ffcv's outputs
+        self.torch_threads = torch.get_num_threads()
+
+    def take(self, m):
+        """The next m samples: a dict name -> tensor."""
+        have = sum(len(p[M.ID]) for p in self.parts)
+        while have < m:
+            if self.it is None:
+                self.loader.traversal_order.order = self.local_rows
+                self.it = iter(self.loader)
+            # ffcv reuses its output buffers a few batches later: copy out right away
+            part = {k: v.clone() for k, v in zip(self.names, next(self.it))}
+            # ffcv sets torch's (process-wide) thread count to its own worker count, also from
+            # its producer thread: put the trainer's back once that thread is running
+            if torch.get_num_threads() != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+            self.parts.append(part)
+            have += len(part[M.ID])
+        out = {k: torch.cat([p[k] for p in self.parts]) for k in self.parts[0]}
+        rest = {k: v[m:] for k, v in out.items()}
+        self.parts = [rest] if len(rest[M.ID]) else []
+        return {k: v[:m] for k, v in out.items()}
+
+    def close(self):
+        if self.it is not None:
+            self.it.close()
+
+
+def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device):
+    """Yields ([views...], label, sample_id) for consecutive slices of `rows` of the given sizes."""
+    man = _manifest(str(path), os.stat(Path(path) / M.MANIFEST).st_mtime_ns)
+    shard, local = man.shard[rows], man.index[rows]
+    n_shards = len(man.shards)
+    step = max(sizes, default=1)
+    chunk = step if n_shards == 1 else max(16, -(-step // n_shards))
+    streams = {}
+    for s in np.unique(shard):
+        loader = _shard_loader(man.shard_path(s), kind, res, chunk, num_workers)
+        streams[s] = _ShardStream(loader, local[shard == s].astype(np.uint64))
+    views = [M.IMAGE] if kind == "eval" else [M.IMAGE, "image_k"]
+    pin = device.type == "cuda"
+    try:
+        pos = 0
+        for size in sizes:
+            sh = shard[pos:pos + size]
+            want = man.ids[rows[pos:pos + size]]
+            out = None
+            for s in np.unique(sh):
+                where = torch.from_numpy(np.flatnonzero(sh == s))
+                got = streams[s].take(len(where))
+                if out is None:
+                    out = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype, pin_memory=pin)
+                           for k, v in got.items()}
+                for k, v in got.items():
+                    out[k][where] = v
+            sid, label = out[M.ID].view(-1), out[M.LABEL].view(-1)
+            if not np.array_equal(sid.numpy(), want):
+                raise RuntimeError(f"{path}: the shards do not match the manifest "
+                                   f"(expected ids {want[:5]}..., read {sid[:5].tolist()}...)")
+            pos += size
+            yield [out[v] for v in views], label, sid
+    finally:
+        for stream in streams.values():
+            stream.close()
+
+
+@lru_cache(maxsize=8)
+def _manifest(path, mtime_ns):
+    return M.read_manifest(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder fallback
+
+
+class _FolderViews(torch.utils.data.Dataset):
+    """ImageFolder samples as (views..., label, sample_id), views uint8 CHW tensors."""
+
+    def __init__(self, folder, views):
+        self.folder, self.views = folder, views
+
+    def __len__(self):
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        path, label = self.folder.samples[i]
+        img = self.folder.loader(path)
+        return [t(img) for t in self.views], label, i
+
+
+def _folder_transforms(kind, res):
+    from torchvision.transforms import v2 as T
+
+    if kind == "eval":
+        return [T.Compose([T.Resize(round(res / EVAL_CROP)), T.CenterCrop(res), T.PILToTensor()])]
+    return [T.Compose([T.RandomResizedCrop(res, scale=CROP_SCALE, antialias=True),
+                       T.RandomHorizontalFlip(), T.PILToTensor()]) for _ in range(2)]
+
+
+def _folder_batches(path, rows, batch_size, kind, res, num_workers, device):
+    folder = _image_folder(str(Path(path).resolve()))
+    dataset = _FolderViews(folder, _folder_transforms(kind, res))
+    # rows are already this rank's, in order: the sampler just replays them
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=rows.tolist(), num_workers=num_workers,
+        drop_last=False, pin_memory=device.type == "cuda")
+    for views, label, sid in loader:
+        yield views, label.long(), sid.long()
