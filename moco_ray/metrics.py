@@ -7,6 +7,8 @@ run report) and to the worker's Prometheus endpoint.
 import logging
 import math
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("moco_ray")
@@ -77,11 +79,11 @@ class WorkerMetrics:
     """A worker's Prometheus endpoint: every metric of VOCABULARY, labelled by run, rank and node.
 
     update(report) is cheap (one locked add/set/observe per metric) and runs every step; the HTTP
-    server is a daemon thread of prometheus_client. A port that is taken is a warning, not a crash:
-    training matters more than its dashboard.
+    server is a daemon thread of prometheus_client. A port that is taken is a warning and a retry in
+    the background (for retry_s), never a crash: training matters more than its dashboard.
     """
 
-    def __init__(self, port, run, rank, node=None):
+    def __init__(self, port, run, rank, node=None, retry_s=30.0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
@@ -99,10 +101,31 @@ class WorkerMetrics:
                 self._child(m)
         self.port = port
         self.server = self.thread = None
+        self._closed = threading.Event()
         try:
             self.server, self.thread = start_http_server(port, registry=self.registry)
         except OSError as e:
-            log.warning("metrics: cannot serve on port %d (%s); this worker exports no metrics", port, e)
+            # Often the worker this one replaces (restart, resize) has not exited yet: keep trying
+            # in the background for a while instead of delaying the training or giving up at once.
+            log.warning("metrics: port %d is taken (%s); retrying for %.0f s", port, e, retry_s)
+            threading.Thread(target=self._retry, args=(start_http_server, retry_s), daemon=True,
+                             name="moco_ray-metrics-retry").start()
+
+    def _retry(self, start_http_server, retry_s):
+        deadline = time.monotonic() + retry_s
+        while not self._closed.wait(1.0):
+            try:
+                self.server, self.thread = start_http_server(self.port, registry=self.registry)
+                if self._closed.is_set():  # closed while binding
+                    self.close()
+                else:
+                    log.warning("metrics: serving on port %d", self.port)
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    log.warning("metrics: cannot serve on port %d (%s); this worker exports no metrics",
+                                self.port, e)
+                    return
 
     def _child(self, m):
         child = self.families[m.key].labels(**self.labels)
@@ -136,6 +159,7 @@ class WorkerMetrics:
         return generate_latest(self.registry).decode()
 
     def close(self):
+        self._closed.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

@@ -134,16 +134,21 @@ def test_worker_endpoint_types_labels_and_counters():
         w.close()
 
 
-def test_port_in_use_is_a_warning_not_a_crash(caplog):
+def test_port_in_use_is_a_warning_and_a_retry_not_a_crash(caplog):
     port = free_ports()
     first = M.WorkerMetrics(port, run="r", rank=0)
+    second = M.WorkerMetrics(port, run="r", rank=1, retry_s=10)
     try:
-        second = M.WorkerMetrics(port, run="r", rank=1)
-        assert second.server is None and "cannot serve on port" in caplog.text
+        assert second.server is None and f"port {port} is taken" in caplog.text
         second.update(report(1))  # still usable
-        second.close()
+        first.close()  # e.g. the worker it replaces exits: the retry takes the port over
+        deadline = time.time() + 10
+        while second.server is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert value(scrape(port), "moco_images_total", rank="1") == 64
     finally:
         first.close()
+        second.close()
 
 
 # ----------------------------------------------------------------------------------------------------
