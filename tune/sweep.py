@@ -1,0 +1,434 @@
+"""python -m tune.sweep: Ray Tune sweeps of the MoCo temperature tau (T) and key-encoder momentum m.
+
+    python -m tune.sweep --config demo --tau 0.07,0.2,0.5 --m 0.9,0.99,0.999 --set knn_every=1
+    python -m tune.sweep --config moco-v2 --tau loguniform:0.05:0.5 --m choice:0.99,0.999,0.9999 \\
+        --search random --num-samples 12 --workers-per-trial 4 --address auto --storage-path /mnt/runs
+    python -m tune.sweep --name NAME --storage-path DIR --resume        # continue an interrupted sweep
+
+A value list `a,b,c` is a grid (`--search grid`, the default) or a choice (`--search random`);
+`choice:a,b`, `grid:a,b`, `uniform:LO:HI` and `loguniform:LO:HI` name the distribution explicitly.
+Every trial is one Ray Train run of the same per-worker loop as `python -m moco_ray.train`: a Tune
+function trainable is the trial's driver and builds the TorchTrainer with `moco_ray.train.make_trainer`,
+with the base config's T and m replaced. Rank 0's reports that carry a fresh value of the metric reach
+Tune (kNN top-1 after each kNN epoch, see `knn_every`), so ASHA can stop bad trials; the trial's
+checkpoints are the run's own. Each trial's run lives in STORAGE/NAME/<trial dir>/train (metrics.jsonl,
+checkpoints; `python -m moco_ray.report` reads it).
+
+Results in STORAGE/NAME: results.parquet (one row per trial), best_config.yaml (accepted by
+`python -m moco_ray.train --config`), heatmap.png (the metric over tau x m).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from moco_ray import config as C
+
+# Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
+METRICS = {"knn_top1": "max", "loss": "min", "accuracy": "max"}
+TRIAL_CPU = 0.01        # the trial's driver (the Tune function trainable) only waits on its TorchTrainer
+SPEC_FILE = "sweep.json"
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------------------------------
+# The search space
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Space:
+    """One hyperparameter's search space, parsed from the command line."""
+    kind: str            # grid | choice | uniform | loguniform
+    values: tuple = ()   # grid, choice
+    lo: float = 0.0      # uniform, loguniform
+    hi: float = 0.0
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return getattr(tune, self.kind)(self.lo, self.hi)
+
+    def points(self):
+        """Values to validate: every listed value, or a range's two ends."""
+        return list(self.values) if self.values else [self.lo, self.hi]
+
+    def size(self):
+        return len(self.values) if self.kind == "grid" else 1
+
+
+def _floats(flag, text):
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise C.ConfigError(f"{flag}: empty grid; give values like 0.07,0.2 or a distribution")
+    if not all(items):
+        raise C.ConfigError(f"{flag}: empty value in {text!r}")
+    try:
+        values = tuple(float(v) for v in items)
+    except ValueError:
+        raise C.ConfigError(f"{flag}: expected numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise C.ConfigError(f"{flag}: values must be finite, got {text!r}")
+    return values
+
+
+def parse_space(flag, text, search):
+    """'a,b,c' (grid, or choice with --search random), 'grid:a,b', 'choice:a,b', 'uniform:LO:HI',
+    'loguniform:LO:HI'."""
+    text = (text or "").strip()
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        return Space("grid" if search == "grid" else "choice", _floats(flag, text))
+    kind = kind.strip().lower()
+    if kind in ("grid", "choice"):
+        return Space(kind, _floats(flag, rest))
+    if kind in ("uniform", "loguniform"):
+        bounds = rest.split(":")
+        if len(bounds) != 2:
+            raise C.ConfigError(f"{flag}: {kind} expects {kind}:LO:HI, got {text!r}")
+        lo, hi = _floats(flag, ",".join(bounds))
+        if not lo < hi:
+            raise C.ConfigError(f"{flag}: {kind}:{lo:g}:{hi:g} needs LO < HI")
+        if kind == "loguniform" and lo <= 0:
+            raise C.ConfigError(f"{flag}: loguniform needs LO > 0, got {lo:g}")
+        return Space(kind, lo=lo, hi=hi)
+    raise C.ConfigError(f"{flag}: unknown distribution {kind!r}; use a list a,b,c or one of "
+                        f"grid:, choice:, uniform:LO:HI, loguniform:LO:HI")
+
+
+def check_tau(space):
+    bad = [v for v in space.points() if not v > 0]
+    if bad:
+        raise C.ConfigError(f"--tau: the temperature must be > 0, got {bad[0]:g}")
+
+
+def check_m(space):
+    ranged = space.kind in ("uniform", "loguniform")
+    for v in space.points():
+        # a range's upper end is never drawn (Tune samples [LO, HI)), so m in [LO, 1) allows HI = 1
+        if not (0 <= v < 1 or (ranged and v == space.hi and v <= 1)):
+            raise C.ConfigError(f"--m: the momentum must be in [0, 1), got {v:g}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trial: a Tune function trainable that is the driver of one Ray Train run
+# ----------------------------------------------------------------------------------------------------
+
+def trial_dirname(trial_id, config):
+    return f"trial_{trial_id}_T={float(config['T']):g}_m={float(config['m']):g}"
+
+
+def _trial_dirname_creator(trial):
+    return trial_dirname(trial.trial_id, trial.config)
+
+
+def trial_cfg(base, config):
+    """The trial's config: the sweep's base config with T and m replaced."""
+    return C.apply_overrides(C.apply_overrides(C.Config(), base),
+                             {"T": float(config["T"]), "m": float(config["m"])})
+
+
+def trial_driver(config, spec):
+    """Runs in the trial's Tune actor; builds and runs the same TorchTrainer as moco_ray.train."""
+    import ray.tune
+
+    from moco_ray import train
+    from moco_ray.progress import ProgressCallback
+    from tune.callbacks import FreshMetricCallback
+
+    cfg = trial_cfg(spec["cfg"], config)
+    workers = tuple(spec["workers"]) if isinstance(spec["workers"], list) else spec["workers"]
+    C.validate(cfg, train.max_workers(workers))
+    trial_dir = Path(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), config)
+    # Same storage path and name when Tuner.restore restarts the trial: Ray Train then resumes the run
+    # from its latest checkpoint.
+    trainer = train.make_trainer(
+        cfg, workers, spec["use_gpu"], trial_dir, "train", max_failures=spec["max_failures"],
+        callbacks=[FreshMetricCallback(spec["metric"], cfg.knn_every), ProgressCallback(trial_dir / "train")])
+    trainer.fit()
+
+
+def make_trainable(spec):
+    from ray import tune
+
+    resources = {"CPU": TRIAL_CPU}
+    return tune.with_resources(tune.with_parameters(trial_driver, spec=spec), resources)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo", help="base config: preset (demo, moco-v1, moco-v2) or YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base config, e.g. --set epochs=4 (repeatable)")
+    p.add_argument("--tau", default=None, help="temperatures T: 0.07,0.2 | choice:.. | loguniform:LO:HI")
+    p.add_argument("--m", default=None, help="momenta m: 0.99,0.999 | choice:.. | uniform:LO:HI")
+    p.add_argument("--search", choices=("grid", "random"), default="grid",
+                   help="value lists are a grid (every combination) or a random choice")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="grid: repeats of the grid (default 1); random: trials (default 10)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument("--grace-period", type=int, default=None,
+                   help="ASHA: epochs before a trial can be stopped (default: the first kNN epoch)")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this at each rung")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: as many as the cluster holds)")
+    p.add_argument("--workers-per-trial", default="1", help="Ray Train workers per trial: N or MIN:MAX")
+    p.add_argument("--max-failures", type=int, default=1, help="worker-group failures a trial survives")
+    p.add_argument("--metric", default="knn_top1", help=f"what to optimise: {', '.join(METRICS)}")
+    p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
+                   help="where the sweep, its trials' runs and checkpoints are stored (shared on a cluster)")
+    p.add_argument("--name", default=None, help="sweep name (default: sweep-CONFIG-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep --name (default: the newest sweep)")
+    return p
+
+
+def _sweep_name(args, storage_path):
+    if args.name:
+        exists = (storage_path / args.name).exists()
+        if exists and not args.resume:
+            raise C.ConfigError(f"sweep {args.name!r} already exists in {storage_path}; pass --resume "
+                                f"to continue it, or another --name")
+        if args.resume and not exists:
+            raise C.ConfigError(f"--resume: no sweep {args.name!r} in {storage_path}")
+        return args.name
+    if args.resume:
+        sweeps = sorted((p for p in storage_path.glob("*") if (p / SPEC_FILE).is_file()),
+                        key=lambda p: p.stat().st_mtime)
+        if not sweeps:
+            raise C.ConfigError(f"--resume: no sweeps in {storage_path}")
+        return sweeps[-1].name
+    stem = args.config if args.config in C.PRESETS else Path(args.config).stem
+    return f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def plan(args):
+    """Everything that can be checked before Ray starts. Returns the sweep spec; ConfigError if bad."""
+    from moco_ray import train
+
+    storage_path = Path(args.storage_path).expanduser().resolve()
+    name = _sweep_name(args, storage_path)
+    path = storage_path / name
+    if args.resume:
+        given = [f for f, v in (("--tau", args.tau), ("--m", args.m), ("--set", args.set)) if v]
+        if given:
+            raise C.ConfigError(f"--resume continues the stored sweep {name!r}; {', '.join(given)} cannot change")
+        spec = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).is_file() else None
+        from ray.tune import Tuner
+
+        if spec is None or not Tuner.can_restore(str(path)):
+            raise C.ConfigError(f"--resume: {path} holds no restorable sweep")
+        spec["resume"] = True
+        return spec
+
+    for flag, value in (("--tau", args.tau), ("--m", args.m)):
+        if value is None:
+            raise C.ConfigError(f"{flag} is required, e.g. --tau 0.07,0.2 --m 0.99,0.999")
+    tau = parse_space("--tau", args.tau, args.search)
+    m = parse_space("--m", args.m, args.search)
+    check_tau(tau)
+    check_m(m)
+    if args.metric not in METRICS:
+        raise C.ConfigError(f"--metric {args.metric!r} is unknown; choose one of {', '.join(METRICS)}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise C.ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise C.ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.max_failures < 0:
+        raise C.ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
+    if not args.reduction_factor > 1:
+        raise C.ConfigError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    workers = train.parse_workers(args.workers_per_trial)
+    cfg = C.load(args.config, args.set)
+    C.validate(cfg, train.max_workers(workers))
+    for t in tau.points():
+        for mm in m.points():
+            if mm < 1:
+                C.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm}), train.max_workers(workers))
+    if args.grace_period is not None and not 1 <= args.grace_period <= cfg.epochs:
+        raise C.ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {args.grace_period}")
+    if args.address is None and not _ray_running():
+        need = train.max_workers(workers)
+        cpus = os.cpu_count() or 1
+        if args.use_gpu != "true" and need > cpus:
+            raise C.ConfigError(f"--workers-per-trial {args.workers_per_trial}: a trial needs {need} CPU "
+                                f"workers, this machine has {cpus} CPUs")
+    resolved = train.resolve_data(cfg)
+    if args.metric == "knn_top1" and not resolved.knn_data:
+        raise C.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
+    num_samples = args.num_samples or (1 if args.search == "grid" else 10)
+    return dict(
+        name=name, storage_path=str(storage_path), experiment_path=str(path), config=args.config,
+        set=list(args.set), cfg=resolved.to_dict(), user_cfg=cfg.to_dict(), tau=args.tau, m=args.m,
+        tau_space=tau.__dict__, m_space=m.__dict__, search=args.search, num_samples=num_samples,
+        scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent, workers=list(workers) if isinstance(workers, tuple) else workers,
+        max_failures=args.max_failures, metric=args.metric, mode=METRICS[args.metric],
+        use_gpu_flag=args.use_gpu, use_gpu=None, resume=False)
+
+
+def _ray_running():
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except ImportError:
+        return False
+
+
+def capacity(spec, total):
+    """How many trials the cluster holds at once (0: not even one). `total`: the cluster's maximum
+    resources."""
+    w = spec["workers"][1] if isinstance(spec["workers"], list) else spec["workers"]
+    cpu = total.get("CPU", 0)
+    if spec["use_gpu"]:
+        fits = [int(total.get("GPU", 0) // w), int(cpu // TRIAL_CPU + 1e-9)]
+    else:
+        fits = [int(cpu / (w + TRIAL_CPU) + 1e-9)]
+    return min(fits)
+
+
+def max_cluster_resources():
+    """The most the cluster can ever have: the autoscaler's limits when it has any (as Ray Train's own
+    check), else what it has now."""
+    import ray
+
+    total = dict(ray.cluster_resources())
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:   # private API: fall back to the resources the cluster has now
+        limits = {}
+    for key, value in limits.items():
+        total[key] = max(total.get(key, 0), value)
+    return total
+
+
+def start_ray(spec, address):
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # One logical CPU more than the machine has, for the trial drivers (TRIAL_CPU each, idle while
+        # their TorchTrainer runs), so that a trial can use every core for its workers.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+
+
+def check_cluster(spec):
+    """After connecting, before launching trials: does one trial fit the cluster at all?"""
+    total = max_cluster_resources()
+    if spec["use_gpu"] is None:
+        flag = spec["use_gpu_flag"]
+        spec["use_gpu"] = total.get("GPU", 0) > 0 if flag == "auto" else flag == "true"
+    fits = capacity(spec, total)
+    if fits < 1:
+        w = spec["workers"][1] if isinstance(spec["workers"], list) else spec["workers"]
+        need = f"{w} GPUs" if spec["use_gpu"] else f"{w + TRIAL_CPU:g} CPUs ({w} workers + the trial driver)"
+        have = f"{total.get('GPU', 0):g} GPUs" if spec["use_gpu"] else f"{total.get('CPU', 0):g} CPUs"
+        raise C.ConfigError(f"--workers-per-trial {w}: a trial needs {need}, the cluster has at most {have}")
+    return fits
+
+
+def scheduler_for(spec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec["scheduler"] == "fifo":
+        return FIFOScheduler()
+    cfg = spec["cfg"]
+    grace = spec["grace_period"]
+    if grace is None:
+        knn_every = cfg["knn_every"] if spec["metric"] == "knn_top1" else 1
+        grace = min(knn_every or cfg["epochs"], cfg["epochs"])
+    # time in epochs: the reports that reach Tune carry the number of completed epochs
+    return ASHAScheduler(time_attr="epoch", max_t=cfg["epochs"], grace_period=grace,
+                         reduction_factor=spec["reduction_factor"])
+
+
+def build_tuner(spec, max_concurrent):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from tune.callbacks import SweepProgress
+
+    trainable = make_trainable(spec)
+    if spec["resume"]:
+        return tune.Tuner.restore(spec["experiment_path"], trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    param_space = {"T": Space(**spec["tau_space"]).to_tune(), "m": Space(**spec["m_space"]).to_tune()}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec["metric"], mode=spec["mode"], scheduler=scheduler_for(spec),
+            search_alg=BasicVariantGenerator(max_concurrent=max_concurrent,
+                                             random_state=spec["cfg"]["seed"]),
+            num_samples=spec["num_samples"], trial_dirname_creator=_trial_dirname_creator),
+        run_config=tune.RunConfig(
+            name=spec["name"], storage_path=spec["storage_path"], verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[SweepProgress(spec["metric"])]),
+    )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        spec = plan(args)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from tune import results as R
+
+    start_ray(spec, args.address)
+    try:
+        fits = check_cluster(spec)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    max_concurrent = args.max_concurrent or spec.get("max_concurrent") or fits
+    path = Path(spec["experiment_path"])
+    if not spec["resume"]:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / SPEC_FILE).write_text(json.dumps({k: v for k, v in spec.items() if k != "resume"}, indent=1))
+    print(f"[sweep] {'resuming' if spec['resume'] else 'starting'} {spec['name']} in {spec['storage_path']}: "
+          f"tau {spec['tau']}, m {spec['m']}, {spec['search']} search, {spec['scheduler']} on "
+          f"{spec['metric']} ({spec['mode']}), {spec['workers']} worker(s) per trial on "
+          f"{'GPU' if spec['use_gpu'] else 'CPU'}, up to {max_concurrent} at once", flush=True)
+
+    t0 = time.perf_counter()
+    build_tuner(spec, max_concurrent).fit()
+    wall = time.perf_counter() - t0
+    rows = R.collect(path, spec)
+    R.write(path, spec, rows)
+    print(R.summary(path, spec, rows, wall), flush=True)
+    if any(r["status"] not in ("TERMINATED", "ERROR") for r in rows):
+        print(f"[sweep] interrupted; continue with: python -m tune.sweep --resume --name {spec['name']} "
+              f"--storage-path {spec['storage_path']}", flush=True)
+        return EXIT_INTERRUPTED
+    return 1 if any(r["status"] == "ERROR" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
