@@ -36,8 +36,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         weight = self.weight.repeat(S) if self.affine else None
         bias = self.bias.repeat(S) if self.affine else None
         # (N, C) -> (N/S, S*C): channel s*C + c of row a is channel c of sample a*S + s
-        out = F.batch_norm(input.view(-1, S * C, H, W), running_mean, running_var,
-                           weight, bias, True, momentum, self.eps).view(N, C, H, W)
+        out = F.batch_norm(input.reshape(-1, S * C, H, W), running_mean, running_var,
+                           weight, bias, True, momentum, self.eps).reshape(N, C, H, W)
         if self.track_running_stats:
             self.running_mean.copy_(running_mean.view(S, C).mean(0))
             self.running_var.copy_(running_var.view(S, C).mean(0))
