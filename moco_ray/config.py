@@ -63,7 +63,7 @@ PRESETS = {
     # Tiny and CPU-sized: resnet18 on 32px digits, 2 workers.
     "demo": dict(
         arch="resnet18", small_stem=True, res=32, aug="v2", mlp=True, T=0.2, K=4096, m=0.99,
-        batch_size=128, lr=0.06, epochs=12, schedule="cosine", knn_every=4, knn_k=20,
+        batch_size=128, lr=0.06, epochs=12, schedule="cosine", knn_every=4,
         report_every=5, checkpoint_every_steps=50, keep_checkpoints=2, loader_workers=1,
         metrics_port=0,
     ),

@@ -176,7 +176,7 @@ def train_func(config):
                 "event": "step", "step": progress["step"], "epoch": epoch,
                 "samples_in_epoch": progress["samples_in_epoch"], "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "loss": loss.item(), "lr": lr,
-                "accuracy": float(stats.get("accuracy", float("nan"))),
+                "accuracy": float(stats["acc"]),
                 "images": images_seen, "step_time_s": t_step - t_end, "data_wait_s": t_data - t_end,
                 "images_per_s": images_seen * W / (t_step - t_run), "batch_effective": B,
                 "world_size": W, "restarts": progress["starts"],
@@ -366,6 +366,9 @@ def main(argv=None):
     use_gpu = {"true": True, "false": False}.get(args.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.bn == "sync" and not use_gpu:
+        print("error: bn=sync needs GPUs (torch's SyncBatchNorm); use bn=shuffle on CPU", file=sys.stderr)
+        return 2
     print(f"[moco_ray] run {name} in {storage_path}, workers {args.num_workers}, "
           f"{'GPU' if use_gpu else 'CPU'}; config:\n{C.describe(cfg)}", flush=True)
 
