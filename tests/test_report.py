@@ -146,7 +146,7 @@ def test_report_of_a_short_demo_run(ray_session, tmp_path):
     from moco_ray import config as C
     from moco_ray import train
 
-    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "report_every=2", "checkpoint_every_steps=1000",
+    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2", "checkpoint_every_steps=1000",
                                              "metrics_port=0"]))
     name = "report-test"
     run = tmp_path / name
@@ -167,4 +167,4 @@ def test_report_of_a_short_demo_run(ray_session, tmp_path):
     assert df["step"].max() == 6 and df["loss"].notna().any()
     summary = (run / "report" / "summary.md").read_text()
     assert "| status | finished |" in summary and "| steps | 6 / 6 |" in summary
-    assert "`batch_size` | `128`" in summary  # the config, from the start report or the checkpoint
+    assert "`batch_size` | `32`" in summary  # the config, from the start report or the checkpoint
