@@ -1,0 +1,75 @@
+"""The batched augmentations against torchvision's per-image functions, and their randomness."""
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.testing import assert_close
+
+from moco_ray import augment as A
+
+B = 6
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(B, 3, 20, 24, generator=g)
+    x[0] = x[0, :1]                    # a grey image: hue and saturation edge cases
+    x[1, :, :4] = 1.0                  # saturated pixels
+    return x
+
+
+def per_sample(fn, x, factors):
+    return torch.stack([fn(img, float(f)) for img, f in zip(x, factors)])
+
+
+@pytest.mark.parametrize("name, ours, theirs, lo, hi", [
+    ("brightness", A.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+    ("contrast", A.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+    ("saturation", A.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
+    ("hue", A.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_colour_ops_match_torchvision(batch, name, ours, theirs, lo, hi):
+    factors = torch.linspace(lo, hi, B)
+    assert_close(ours(batch, factors), per_sample(theirs, batch, factors), atol=2e-6, rtol=0)
+
+
+def test_grayscale_matches_torchvision(batch):
+    assert_close(A.grayscale(batch).expand_as(batch), TF.rgb_to_grayscale(batch, num_output_channels=3))
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (224, 224)])
+def test_blur_matches_torchvision(shape):
+    x = torch.rand(3, 3, *shape, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.1, 0.9, 2.0])
+    k = A._kernel_size(x)
+    assert k % 2 == 1 and (shape[0] < 30 or k == 23)
+    ref = torch.stack([TF.gaussian_blur(img, [k, k], [float(s)] * 2) for img, s in zip(x, sigma)])
+    assert_close(A.gaussian_blur(x, sigma), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_augment_draws_per_sample_and_per_call(version):
+    x = torch.randint(0, 256, (2000, 3, 6, 6), dtype=torch.uint8)
+    y1 = A.augment(x, version, torch.Generator().manual_seed(5))
+    y2 = A.augment(x, version, torch.Generator().manual_seed(5))
+    y3 = A.augment(x, version, torch.Generator().manual_seed(6))
+    assert y1.dtype == torch.float32 and y1.shape == x.shape
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    assert x.dtype == torch.uint8                                   # the input is left alone
+    # grey samples (r == g == b after un-normalising): RandomGrayscale p=0.2; the colour jitter
+    # keeps grey grey, so it cannot change the share
+    rgb = y1 * torch.tensor(A.STD).view(1, 3, 1, 1) + torch.tensor(A.MEAN).view(1, 3, 1, 1)
+    grey = ((rgb - rgb.mean(1, keepdim=True)).abs().amax(dim=(1, 2, 3)) < 1e-5).float().mean()
+    assert 0.16 < grey < 0.24
+    # the jitter moved almost every sample away from its plain normalisation
+    plain = A.augment(x, None)
+    changed = ((y1 - plain).abs().amax(dim=(1, 2, 3)) > 1e-3).float().mean()
+    assert changed > (0.95 if version == "v1" else 0.8)
+
+
+def test_normalise_only_and_bad_version():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    y = A.augment(x, None)
+    assert_close(y[0, :, 0, 0], (1 - torch.tensor(A.MEAN)) / torch.tensor(A.STD))
+    with pytest.raises(ValueError, match="augmentation 'v3'"):
+        A.augment(x, "v3")
