@@ -27,10 +27,11 @@ def to_float(x):
     return y.div_(255) if x.dtype == torch.uint8 else y
 
 
-def normalize(x):
+def normalize_(x):
+    """ImageNet mean/std normalisation, in place on a float batch in [0, 1]."""
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
 
 
 def _col(f):
@@ -168,4 +169,4 @@ def augment(x, version, generator=None):
         x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=generator)
         x = random_grayscale(x, 0.2, generator)
         x = random_blur(x, (0.1, 2.0), p=0.5, generator=generator)
-    return normalize(x)
+    return normalize_(x)

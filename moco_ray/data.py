@@ -245,7 +245,8 @@ class _ShardStream:
                 torch.set_num_threads(self.torch_threads)
             self.parts.append(part)
             have += len(part[M.ID])
-        out = {k: torch.cat([p[k] for p in self.parts]) for k in self.parts[0]}
+        parts, self.parts = self.parts, []
+        out = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         rest = {k: v[m:] for k, v in out.items()}
         self.parts = [rest] if len(rest[M.ID]) else []
         return {k: v[:m] for k, v in out.items()}
@@ -267,27 +268,31 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device):
         loader = _shard_loader(man.shard_path(s), kind, res, chunk, num_workers)
         streams[s] = _ShardStream(loader, local[shard == s].astype(np.uint64))
     views = [M.IMAGE] if kind == "eval" else [M.IMAGE, "image_k"]
-    pin = device.type == "cuda"
+    pin = device.type == "cuda"   # pinned host memory: the copy to the GPU overlaps
     try:
         pos = 0
         for size in sizes:
             sh = shard[pos:pos + size]
             want = man.ids[rows[pos:pos + size]]
-            out = None
-            for s in np.unique(sh):
-                where = torch.from_numpy(np.flatnonzero(sh == s))
-                got = streams[s].take(len(where))
-                if out is None:
-                    out = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype, pin_memory=pin)
-                           for k, v in got.items()}
-                for k, v in got.items():
-                    out[k][where] = v
+            present = np.unique(sh)
+            if len(present) == 1:
+                out = streams[present[0]].take(size)
+            else:   # interleave the shards' samples back into the epoch order
+                out = None
+                for s in present:
+                    where = torch.from_numpy(np.flatnonzero(sh == s))
+                    got = streams[s].take(len(where))
+                    if out is None:
+                        out = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype) for k, v in got.items()}
+                    for k, v in got.items():
+                        out[k][where] = v
             sid, label = out[M.ID].view(-1), out[M.LABEL].view(-1)
             if not np.array_equal(sid.numpy(), want):
                 raise RuntimeError(f"{path}: the shards do not match the manifest "
                                    f"(expected ids {want[:5]}..., read {sid[:5].tolist()}...)")
             pos += size
-            yield [out[v] for v in views], label, sid
+            images = [out[v].pin_memory() if pin else out[v] for v in views]
+            yield images, label, sid
     finally:
         for stream in streams.values():
             stream.close()
