@@ -75,7 +75,7 @@ def write(path, spec, rows):
 
 
 def heatmap(rows, spec, out):
-    """The metric (each trial's best value) over tau x m: a grid of cells for grid-like sweeps (repeats
+    """The metric (each trial's last value, as the best config is chosen) over tau x m: a grid of cells for grid-like sweeps (repeats
     averaged), a scatter for sampled values."""
     import matplotlib
 
@@ -84,7 +84,7 @@ def heatmap(rows, spec, out):
     import numpy as np
 
     metric = spec["metric"]
-    key = f"{metric}_best"
+    key = f"{metric}_last"
     taus = sorted({r["tau"] for r in rows})
     ms = sorted({r["m"] for r in rows})
     fig, ax = plt.subplots(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), dpi=110)
@@ -121,7 +121,7 @@ def heatmap(rows, spec, out):
     fig.colorbar(image, ax=ax, label=metric)
     ax.set_xlabel("temperature tau (T)")
     ax.set_ylabel("momentum m")
-    ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}, best per trial)")
+    ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

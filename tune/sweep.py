@@ -368,6 +368,7 @@ def build_tuner(spec, max_concurrent):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from tune.callbacks import SweepProgress
+    from tune.cleanup import ReleaseOrphanedPlacementGroups
 
     trainable = make_trainable(spec)
     if spec["resume"]:
@@ -385,7 +386,7 @@ def build_tuner(spec, max_concurrent):
         run_config=tune.RunConfig(
             name=spec["name"], storage_path=spec["storage_path"], verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[SweepProgress(spec["metric"])]),
+            callbacks=[SweepProgress(spec["metric"]), ReleaseOrphanedPlacementGroups(spec["started_ms"])]),
     )
 
 
@@ -400,6 +401,7 @@ def main(argv=None):
     import ray
 
     from tune import results as R
+    from tune.cleanup import release_at_end
 
     start_ray(spec, args.address)
     try:
@@ -409,6 +411,7 @@ def main(argv=None):
         return 2
     max_concurrent = args.max_concurrent or spec.get("max_concurrent") or fits
     path = Path(spec["experiment_path"])
+    spec.setdefault("started_ms", int(time.time() * 1000))
     if not spec["resume"]:
         path.mkdir(parents=True, exist_ok=True)
         (path / SPEC_FILE).write_text(json.dumps({k: v for k, v in spec.items() if k != "resume"}, indent=1))
@@ -420,6 +423,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     build_tuner(spec, max_concurrent).fit()
     wall = time.perf_counter() - t0
+    release_at_end(spec["started_ms"])
     rows = R.collect(path, spec)
     R.write(path, spec, rows)
     print(R.summary(path, spec, rows, wall), flush=True)
