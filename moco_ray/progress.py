@@ -170,6 +170,7 @@ class LiveView:
         self.tty = self.file.isatty() if tty is None else tty
         self.bar = None
         self.segment_start = None
+        self.last_printed = None
         self.lines = 0
 
     def feed(self, records):
@@ -185,8 +186,9 @@ class LiveView:
                     self.segment_start = (m["time"], m["step"])
                 if self.tty:
                     self._update_bar(m)
-                else:
+                elif (m["step"], postfix(m)) != self.last_printed:  # an epoch-end checkpoint report
                     print(format_line(m, _eta(self.segment_start, m)), file=self.file, flush=True)
+                    self.last_printed = (m["step"], postfix(m))     # may repeat the step's report
                     self.lines += 1
 
     def _open_bar(self, total):

@@ -120,6 +120,13 @@ def test_watch_prints_one_line_per_report_when_not_a_tty(tmp_path):
     assert "100.0 img/s W=2 kNN -" in first and "ETA 11s" in first  # 1 s per 5 steps, 55 steps left
     assert "step 30/60" in last and "kNN 30.0%" in last and "ETA 6s" in last
 
+    # The same step reported twice with the same numbers (a step report, then the epoch-end
+    # checkpoint report) is one line; a new kNN value at the same step is a new line.
+    view = progress.LiveView(io.StringIO(), tty=False)
+    step = dict(records[4], event="step")
+    view.feed([records[0], step, dict(step, event="epoch"), dict(step, event="epoch", knn_top1=99.0)])
+    assert view.lines == 2
+
 
 def test_watch_draws_a_bar_on_a_tty_and_survives_fit_errors(tmp_path):
     records = synthetic_run(tmp_path / "old")[:6]
