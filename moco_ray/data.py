@@ -119,7 +119,8 @@ class Batches:
 def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world_size, res,
                       aug="v2", device="cpu", num_workers=None):
     """Two augmented views per sample: yields (view_q, view_k, label, sample_id), the views float32
-    NCHW normalised on `device`, label and sample_id int64. len() = steps left in this epoch."""
+    NCHW normalised on `device`, label and sample_id int64 on the CPU. aug: 'v1', 'v2' or None.
+    len() = the steps left in this epoch from `start` for this world size."""
     path = _check(path)
     n = dataset_info(path)["n"]
     b = int(batch_per_worker)
@@ -128,34 +129,36 @@ def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world
     num_workers = _default_workers() if num_workers is None else int(num_workers)
     device = torch.device(device)
 
-    def finish(views, label, sid):
-        q, k = (augment(v.to(device, non_blocking=True), aug) for v in views)
-        return q, k, label, sid
+    def batches():
+        for (q, k), label, sid in _batches(path, rows, sizes, "train", res, num_workers, device):
+            q, k = (augment(v.to(device, non_blocking=True), aug) for v in (q, k))   # independent draws
+            yield q, k, label, sid
 
-    if _is_converted(path):
-        batches = lambda: _ffcv_batches(path, rows, sizes, "train", res, num_workers, device)  # noqa: E731
-    else:
-        batches = lambda: _folder_batches(path, rows, b, "train", res, num_workers, device)  # noqa: E731
-    return Batches(len(sizes), lambda: (finish(*batch) for batch in batches()))
+    return Batches(len(sizes), batches)
 
 
 def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", num_workers=None):
-    """Deterministic, un-augmented batches (images, label, sample_id) of this rank's slice; the
-    slices of all ranks cover every sample exactly once."""
+    """Deterministic, un-augmented batches (images, label, sample_id) of this rank's slice, images
+    resized and center-cropped to res, normalised on `device`; the ranks' slices together cover
+    every sample exactly once."""
     path = _check(path)
     rows = eval_rows(dataset_info(path)["n"], rank, world_size)
     sizes = [batch_size] * (len(rows) // batch_size) + ([len(rows) % batch_size] if len(rows) % batch_size else [])
     num_workers = _default_workers() if num_workers is None else int(num_workers)
     device = torch.device(device)
 
-    def finish(views, label, sid):
-        return augment(views[0].to(device, non_blocking=True), None), label, sid
+    def batches():
+        for (images,), label, sid in _batches(path, rows, sizes, "eval", res, num_workers, device):
+            yield augment(images.to(device, non_blocking=True), None), label, sid
 
+    return Batches(len(sizes), batches)
+
+
+def _batches(path, rows, sizes, kind, res, num_workers, device):
+    """([uint8 views...], label, sample_id) for consecutive slices of `rows` of the given sizes."""
     if _is_converted(path):
-        batches = lambda: _ffcv_batches(path, rows, sizes, "eval", res, num_workers, device)  # noqa: E731
-    else:
-        batches = lambda: _folder_batches(path, rows, batch_size, "eval", res, num_workers, device)  # noqa: E731
-    return Batches(len(sizes), lambda: (finish(*batch) for batch in batches()))
+        return _ffcv_batches(path, rows, sizes, kind, res, num_workers, device)
+    return _folder_batches(path, rows, sizes, kind, res, num_workers, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +260,6 @@ class _ShardStream:
 
 
 def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device):
-    """Yields ([views...], label, sample_id) for consecutive slices of `rows` of the given sizes."""
     man = _manifest(str(path), os.stat(Path(path) / M.MANIFEST).st_mtime_ns)
     shard, local = man.shard[rows], man.index[rows]
     n_shards = len(man.shards)
@@ -331,12 +333,15 @@ def _folder_transforms(kind, res):
                        T.RandomHorizontalFlip(), T.PILToTensor()]) for _ in range(2)]
 
 
-def _folder_batches(path, rows, batch_size, kind, res, num_workers, device):
+def _folder_batches(path, rows, sizes, kind, res, num_workers, device):
+    if not sizes:
+        return
     folder = _image_folder(str(Path(path).resolve()))
     dataset = _FolderViews(folder, _folder_transforms(kind, res))
-    # rows are already this rank's, in order: the sampler just replays them
+    # rows are already this rank's, in order: the sampler just replays them (sizes: all equal
+    # but the last)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=rows.tolist(), num_workers=num_workers,
+        dataset, batch_size=sizes[0], sampler=rows[:sum(sizes)].tolist(), num_workers=num_workers,
         drop_last=False, pin_memory=device.type == "cuda")
     for views, label, sid in loader:
         yield views, label.long(), sid.long()
