@@ -29,20 +29,17 @@ def default_demo_root():
 
 def digit_images(size, seed):
     """(images uint8 (n, size, size, 3), labels): each 8x8 scan upscaled, its ink contrast
-    stretched to the full range and drawn in a random colour on a random background shade."""
+    stretched to the full range, white ink on black as scanned. No per-image colour: a random tint
+    would identify each instance and MoCo would learn colours instead of shapes."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rng = np.random.default_rng(seed)
     ink = digits.images / 16.0                                               # (n, 8, 8) in [0, 1]
     ink = ink / np.maximum(ink.max(axis=(1, 2), keepdims=True), 1e-6)
     images = []
     for x in ink:
         big = np.asarray(Image.fromarray((x * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC))
-        a = big[..., None] / 255.0
-        fg = rng.uniform(0.55, 1.0, 3) * 255                                 # ink colour
-        bg = rng.uniform(0.0, 0.25) * 255 * np.ones(3)                       # dark grey background
-        images.append((a * fg + (1 - a) * bg).round().astype(np.uint8))
+        images.append(np.repeat(big[..., None], 3, axis=2))
     return np.stack(images), digits.target
 
 
@@ -57,7 +54,7 @@ def build_demo(root=None, size=32, val_fraction=0.2, seed=0, workers=1, progress
     """Builds the digits dataset under root (default: default_demo_root()) unless it is already
     there. Returns {"train": Path, "val": Path, "classes": [...]} (absolute converted paths)."""
     root = Path(root or default_demo_root()).expanduser().absolute()
-    params = {"size": size, "val_fraction": val_fraction, "seed": seed, "format": M.FORMAT}
+    params = {"size": size, "val_fraction": val_fraction, "seed": seed, "format": M.FORMAT, "ink": "grey"}
     paths = {"train": root / "train", "val": root / "val"}
     done = root / DONE
     if done.exists() and json.loads(done.read_text()).get("params") == params and all(
