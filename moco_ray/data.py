@@ -143,7 +143,7 @@ def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", n
     every sample exactly once."""
     path = _check(path)
     rows = eval_rows(dataset_info(path)["n"], rank, world_size)
-    sizes = [batch_size] * (len(rows) // batch_size) + ([len(rows) % batch_size] if len(rows) % batch_size else [])
+    sizes = [min(batch_size, len(rows) - i) for i in range(0, len(rows), batch_size)]
     num_workers = _default_workers() if num_workers is None else int(num_workers)
     device = torch.device(device)
 
@@ -165,7 +165,8 @@ def _batches(path, rows, sizes, kind, res, num_workers, device):
 # ffcv
 
 
-def _register_order():
+@lru_cache(maxsize=None)
+def _feed_order():
     from ffcv.loader.loader import ORDER_MAP
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -178,9 +179,6 @@ def _register_order():
 
     ORDER_MAP[FeedOrder] = FeedOrder    # Loader(order=...) only accepts registered orders
     return FeedOrder
-
-
-_LOADERS = {}
 
 
 def _pipelines(kind, res):
@@ -203,6 +201,9 @@ def _pipelines(kind, res):
             "image_k": PipelineSpec(M.IMAGE, decoder=dec_k, transforms=ops_k)}
 
 
+_LOADERS = {}
+
+
 def _shard_loader(shard_path, kind, res, chunk, num_workers):
     """One ffcv Loader per (shard file, pipeline), kept for the life of the process so that its
     numba compilation is paid once; a rewritten shard file gets a new Loader."""
@@ -217,11 +218,6 @@ def _shard_loader(shard_path, kind, res, chunk, num_workers):
                                drop_last=False, batches_ahead=2)
         torch.set_num_threads(torch_threads)
     return _LOADERS[key]
-
-
-@lru_cache(maxsize=None)
-def _feed_order():
-    return _register_order()
 
 
 class _ShardStream:
