@@ -169,11 +169,16 @@ def read_results(path):
 
 
 def test_grid_of_four_trials_writes_table_yaml_heatmap(ray_session, tiny, tmp_path, capsys):
+    """The real command, starting its own local Ray (two trials at a time here)."""
     from PIL import Image
 
-    assert sweep.main(sweep_args(tiny, tmp_path, "grid", "--tau", "0.1,0.3", "--m", "0.9,0.99",
-                                 "--scheduler", "fifo", "--set", "epochs=1")) == 0
-    out = capsys.readouterr().out
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "tune.sweep", *sweep_args(
+        tiny, tmp_path, "grid", "--tau", "0.1,0.3", "--m", "0.9,0.99", "--scheduler", "fifo",
+        "--set", "epochs=1")], cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
+    out = run.stdout
+    assert run.returncode == 0, (out + run.stderr)[-5000:]
     path = tmp_path / "grid"
     df = read_results(path)
     assert len(df) == 4
@@ -194,9 +199,9 @@ def test_grid_of_four_trials_writes_table_yaml_heatmap(ray_session, tiny, tmp_pa
     assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
     assert len(set(image.convert("L").getdata())) > 10              # not a blank canvas
 
-    best = df.loc[df.knn_top1_last.idxmax()]
+    top = df[df.knn_top1_last == df.knn_top1_last.max()]
     cfg = C.load(str(path / BEST_FILE))
-    assert (cfg.T, cfg.m) == (best.tau, best.m) and cfg.data == str(tiny["train"])
+    assert (cfg.T, cfg.m) in set(zip(top.tau, top.m)) and cfg.data == str(tiny["train"])
     # the YAML re-runs with moco_ray.train as it is
     assert moco_train.main(["--config", str(path / BEST_FILE), "--num-workers", "1",
                             "--storage-path", str(tmp_path), "--name", "rerun"]) == 0
@@ -259,7 +264,7 @@ def test_resume_after_interruption_completes_without_rerunning(ray_session, tiny
     path = tmp_path / "resume"
     before = read_results(path)
     done = before[before.status == "TERMINATED"]
-    assert len(done) == 1 and (before.status != "TERMINATED").sum() == 1
+    assert len(done) == 1 and "1 of 2 trials" in rest   # the second: pending, or not created yet
     first = path / f"{sweep.trial_dirname(done.trial_id.iloc[0], {'T': done.tau.iloc[0], 'm': done.m.iloc[0]})}"
     first_results = (first / "result.json").read_bytes()
     assert wait_for_cpus(ray_session, 2) == 2

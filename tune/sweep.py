@@ -271,10 +271,11 @@ def plan(args):
     if args.metric == "knn_top1" and not resolved.knn_data:
         raise C.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
+    trials = num_samples * tau.size() * m.size()
     return dict(
         name=name, storage_path=str(storage_path), experiment_path=str(path), config=args.config,
         set=list(args.set), cfg=resolved.to_dict(), user_cfg=cfg.to_dict(), tau=args.tau, m=args.m,
-        tau_space=tau.__dict__, m_space=m.__dict__, search=args.search, num_samples=num_samples,
+        tau_space=tau.__dict__, m_space=m.__dict__, search=args.search, num_samples=num_samples, trials=trials,
         scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, workers=list(workers) if isinstance(workers, tuple) else workers,
         max_failures=args.max_failures, metric=args.metric, mode=METRICS[args.metric],
@@ -427,7 +428,9 @@ def main(argv=None):
     rows = R.collect(path, spec)
     R.write(path, spec, rows)
     print(R.summary(path, spec, rows, wall), flush=True)
-    if any(r["status"] not in ("TERMINATED", "ERROR") for r in rows):
+    # Interrupted (Ctrl+C): trials still pending or running, or not even created yet (Tune creates
+    # them lazily when the concurrency is limited).
+    if len(rows) < spec["trials"] or any(r["status"] not in ("TERMINATED", "ERROR") for r in rows):
         print(f"[sweep] interrupted; continue with: python -m tune.sweep --resume --name {spec['name']} "
               f"--storage-path {spec['storage_path']}", flush=True)
         return EXIT_INTERRUPTED
