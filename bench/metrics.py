@@ -127,8 +127,9 @@ def main():
 
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     step_s = 1 / off
-    print(f"\nmetrics_port=0  : {off:.3f} steps/s (median of {args.repeats})")
-    print(f"metrics_port on : {on:.3f} steps/s (median of {args.repeats})")
+    spread = lambda v: f"median of {len(v)}, range {min(v):.3f}-{max(v):.3f}"
+    print(f"\nmetrics_port=0  : {off:.3f} steps/s ({spread(rates['off'])})")
+    print(f"metrics_port on : {on:.3f} steps/s ({spread(rates['on'])})")
     print(f"ratio on/off    : {on / off:.3f}")
     print(f"update() share of a step: {update_s / step_s * 100:.4f} % "
           f"({update_s * 1e6:.1f} us of {step_s * 1e3:.0f} ms)")
