@@ -7,8 +7,10 @@
   and, meanwhile, tails RUN_DIR/metrics.jsonl from a daemon thread and shows the progress: a tqdm bar
   when stdout is a terminal, one line per report when it is not (`ray job logs`, CI).
 """
+import io
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -161,6 +163,13 @@ class _Tail:
         return records
 
 
+def _columns(file):
+    try:
+        return os.get_terminal_size(file.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
+
+
 class LiveView:
     """Shows records: a tqdm bar (tty) or one line per step report (not a tty). Start, restart and
     resize lines come from the ProgressCallback; here a (re)start begins a new bar."""
@@ -194,8 +203,12 @@ class LiveView:
     def _open_bar(self, total):
         from tqdm import tqdm
 
+        # Follow the terminal's width; a pty without a size (script, some CI runners) says 0 columns.
+        sized = _columns(self.file) > 0
         self.bar = tqdm(total=total, initial=self.segment_start[1], unit="step", file=self.file,
-                        dynamic_ncols=True, miniters=1, mininterval=0, leave=True)
+                        dynamic_ncols=sized, ncols=None if sized else 120, nrows=None if sized else 24,
+                        miniters=1, mininterval=0,
+                        leave=True)
 
     def _update_bar(self, m):
         if self.bar is None:
