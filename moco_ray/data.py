@@ -13,11 +13,13 @@ After k steps, start + k * b * W rows of the epoch are consumed, so resuming fro
 with any other world size sees every row of the epoch exactly once.
 
 ffcv reads one .beton file per Loader, so a converted dataset with several shards gets one Loader
-per shard (each compiles its pipeline with numba once per process, a few seconds; they are cached).
-Every shard's Loader is fed, through a registered TraversalOrder, exactly this rank's rows that
-live in that shard, in epoch order; the batches are reassembled in the epoch order from their
-outputs. Fewer shards mean fewer compilations.
+per shard, all sharing one numba compilation per process (see _shard_loader). Every shard's Loader
+is fed, through a registered TraversalOrder, exactly this rank's rows that live in that shard, in
+epoch order, and the batches are reassembled in the epoch order from their outputs. Each shard
+that a step reads from keeps its own prefetch buffers (about 4 x max(16, b / shards) samples), so
+a few shards (1-16) suit training better than many.
 """
+import copy
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -201,30 +203,62 @@ def _pipelines(kind, res):
             "image_k": PipelineSpec(M.IMAGE, decoder=dec_k, transforms=ops_k)}
 
 
-_LOADERS = {}
+def _stat_key(path):
+    st = os.stat(path)
+    return str(path), st.st_ino, st.st_mtime_ns
 
 
-def _shard_loader(shard_path, kind, res, chunk, num_workers):
-    """One ffcv Loader per (shard file, pipeline), kept for the life of the process so that its
-    numba compilation is paid once; a rewritten shard file gets a new Loader."""
+_SHARDS = {}       # stat key of a shard -> (ffcv Reader, OSCacheManager)
+_TEMPLATES = {}    # (stat keys of all shards, pipeline) -> ffcv Loader
+
+
+def _shard_state(path):
+    from ffcv.memory_managers import OSCacheManager
+    from ffcv.reader import Reader
+
+    key = _stat_key(path)
+    if key not in _SHARDS:
+        reader = Reader(str(path))
+        _SHARDS[key] = reader, OSCacheManager(reader)
+    return _SHARDS[key]
+
+
+def _image_area(reader):
+    meta = reader.metadata[f"f{reader.field_names.index(M.IMAGE)}"]
+    return int(meta["height"].max()) * int(meta["width"].max())
+
+
+def _shard_loader(man, shard, order, kind, res, chunk, num_workers):
+    """An ffcv Loader that reads `order` (rows of one shard). All shards of a dataset share one
+    template Loader and so its numba-compiled pipeline, which costs seconds to minutes per
+    compilation: a shard's Loader is a copy of the template with that shard's reader and memory
+    manager. ffcv sizes the decode buffer from the largest image (max height x max width) of the
+    file a Loader is built on, so the template is built on the shard where that is largest."""
     from ffcv.loader import Loader
 
-    st = os.stat(shard_path)
-    key = (str(shard_path), st.st_ino, st.st_mtime_ns, kind, res, chunk, num_workers)
-    if key not in _LOADERS:
+    paths = [man.shard_path(i) for i in range(len(man.shards))]
+    key = (tuple(_stat_key(p) for p in paths), kind, res, chunk, num_workers)
+    if key not in _TEMPLATES:
+        big = max(paths, key=lambda p: _image_area(_shard_state(p)[0]))
         torch_threads = torch.get_num_threads()
-        _LOADERS[key] = Loader(str(shard_path), batch_size=chunk, num_workers=max(1, num_workers),
-                               order=_feed_order(), pipelines=_pipelines(kind, res),
-                               drop_last=False, batches_ahead=2)
-        torch.set_num_threads(torch_threads)
-    return _LOADERS[key]
+        _TEMPLATES[key] = Loader(str(big), batch_size=chunk, num_workers=max(1, num_workers),
+                                 order=_feed_order(), pipelines=_pipelines(kind, res),
+                                 drop_last=False, batches_ahead=2)
+        torch.set_num_threads(torch_threads)   # ffcv sets torch's thread count to its own
+    loader = copy.copy(_TEMPLATES[key])
+    loader.fname = str(paths[shard])
+    loader.reader, loader.memory_manager = _shard_state(paths[shard])
+    loader.traversal_order = _feed_order()(loader)
+    loader.traversal_order.order = order
+    loader.first_traversal_order = order       # len(loader), and so what iter() yields, counts from it
+    return loader
 
 
 class _ShardStream:
     """The samples of one shard, in the order given, as ffcv decodes them (lazily started)."""
 
-    def __init__(self, loader, local_rows):
-        self.loader, self.local_rows = loader, local_rows
+    def __init__(self, loader):
+        self.loader = loader
         self.it, self.parts = None, []
         self.names = list(loader.pipeline_specs)   # the order of ffcv's outputs
         self.torch_threads = torch.get_num_threads()
@@ -234,7 +268,6 @@ class _ShardStream:
         have = sum(len(p[M.ID]) for p in self.parts)
         while have < m:
             if self.it is None:
-                self.loader.traversal_order.order = self.local_rows
                 self.it = iter(self.loader)
             # ffcv reuses its output buffers a few batches later: copy out right away
             part = {k: v.clone() for k, v in zip(self.names, next(self.it))}
@@ -261,10 +294,9 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device):
     n_shards = len(man.shards)
     step = max(sizes, default=1)
     chunk = step if n_shards == 1 else max(16, -(-step // n_shards))
-    streams = {}
-    for s in np.unique(shard):
-        loader = _shard_loader(man.shard_path(s), kind, res, chunk, num_workers)
-        streams[s] = _ShardStream(loader, local[shard == s].astype(np.uint64))
+    streams = {s: _ShardStream(_shard_loader(man, s, local[shard == s].astype(np.uint64), kind, res,
+                                             chunk, num_workers))
+               for s in np.unique(shard)}
     views = [M.IMAGE] if kind == "eval" else [M.IMAGE, "image_k"]
     pin = device.type == "cuda"   # pinned host memory: the copy to the GPU overlaps
     try:

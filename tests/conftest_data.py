@@ -30,11 +30,12 @@ def id_of(img):
     return r + len(LEVELS) * g
 
 
-def make_tree(root, counts, *, ext="png", sizes=((20, 24), (24, 20), (18, 18))):
+def make_tree(root, counts, *, ext="png", sizes=((20, 24), (24, 20), (18, 18)), first=0):
     """An ImageFolder tree with counts[c] images in class c{c}; the image with ImageFolder index i
-    (classes sorted, files sorted) encodes id i. Returns the list of (relative path, label)."""
-    assert sum(counts) <= MAX_ID
-    listed, sid = [], 0
+    (classes sorted, files sorted) encodes id i. Returns the list of (relative path, label).
+    `first`: the id of the first new image, when adding to a tree."""
+    assert first + sum(counts) <= MAX_ID
+    listed, sid = [], first
     for c, count in enumerate(counts):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
         for j in range(count):

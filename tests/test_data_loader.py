@@ -145,3 +145,17 @@ def test_eval_slices_cover_everything_once(datasets, kind):
     again = next(iter(D.make_eval_loader(datasets[kind], batch_size=7, rank=0, world_size=3, res=RES,
                                          num_workers=1)))[0]
     assert torch.equal(first, again)     # deterministic
+
+
+def test_shards_with_different_image_sizes_share_one_pipeline(tmp_path):
+    # shard 0 holds only small images, shard 2 only large ones: the shared ffcv pipeline must be
+    # sized for the largest (a buffer sized from shard 0 would overflow on shard 2)
+    make_tree(tmp_path / "tree", [8], sizes=((12, 10),))
+    make_tree(tmp_path / "tree", [0, 8], sizes=((20, 18),), first=8)
+    make_tree(tmp_path / "tree", [0, 0, 8], sizes=((48, 40),), first=16)
+    convert(tmp_path / "tree", tmp_path / "ffcv", shards=3, workers=1, progress=False)
+    ids = []
+    for q, k, label, sid in train_loader(tmp_path / "ffcv"):
+        assert [id_of(x) for x in unnormalize(q)] == [id_of(x) for x in unnormalize(k)] == sid.tolist()
+        ids += sid.tolist()
+    assert sorted(ids) == list(range(24))
