@@ -23,8 +23,9 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
     echo "[setup] installing the project into .venv (first time: several minutes, ffcv builds from source)"
-    .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    # (the grep drops pip's notes about local index mirrors that lack a package)
+    .venv/bin/python -m pip install -q --upgrade pip setuptools wheel 2>&1 | { grep -v "is ignored: it is neither" || true; }
+    .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
