@@ -39,7 +39,7 @@ def default_workers():
 
 def scan(src, limit_per_class=None):
     """Classes and samples exactly as torchvision's ImageFolder lists them; a sample is
-    (path, label, id) with id = its index in ImageFolder(src).samples."""
+    (path, label, id, file size) with id = its index in ImageFolder(src).samples."""
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
     if not classes:
         raise ConvertError(f"--src {src} has no class directories (expected SRC/CLASS/IMAGE.jpg)")
@@ -53,7 +53,7 @@ def scan(src, limit_per_class=None):
     items, taken = [], np.zeros(len(classes), int)
     for sid, (path, label) in enumerate(samples):
         if limit_per_class is None or taken[label] < limit_per_class:
-            items.append((path, label, sid))
+            items.append((path, label, sid, os.path.getsize(path)))
             taken[label] += 1
     return classes, items
 
@@ -80,7 +80,7 @@ class _Images:
         return len(self.items)
 
     def __getitem__(self, i):
-        path, label, sid = self.items[i]
+        path, label, sid, _ = self.items[i]
         try:
             return load_rgb(path, self.max_resolution), label, sid
         except Exception:
@@ -146,8 +146,8 @@ def _plan(n, shards, shard_size):
 
 def _digest(items, src):
     h = hashlib.sha1()
-    for path, label, sid in items:
-        h.update(f"{os.path.relpath(path, src)}\0{label}\0{sid}\0{os.path.getsize(path)}\n".encode())
+    for path, label, sid, size in items:
+        h.update(f"{os.path.relpath(path, src)}\0{label}\0{sid}\0{size}\n".encode())
     return h.hexdigest()
 
 
@@ -220,7 +220,7 @@ def convert(src, out, *, shards=None, shard_size=None, max_resolution=256, jpeg_
     skipped, kept, written, shard_meta = [], [], [], []
     for i, positions in enumerate(plan):
         shard_items = [items[p] for p in positions]
-        expected = np.array([sid for _, _, sid in shard_items])
+        expected = np.array([it[2] for it in shard_items])
         final = out / M.shard_name(i)
         ids = read_shard_ids(final, expected) if final.exists() else None
         if ids is not None:
@@ -237,12 +237,12 @@ def convert(src, out, *, shards=None, shard_size=None, max_resolution=256, jpeg_
                 raise RuntimeError(f"{partial_path}: the shard just written does not verify")
             os.replace(partial_path, final)
             written.append(i)
-        for j, ((path, label, sid), got) in enumerate(zip(shard_items, ids)):
+        for j, ((path, label, sid, size), got) in enumerate(zip(shard_items, ids)):
             rel = os.path.relpath(path, src)
             if got == -1:
                 skipped.append({"id": sid, "label": label, "path": rel, "reason": _reason(path)})
                 continue
-            for k, v in zip(M.SCHEMA.names, (sid, i, j, label, classes[label], rel, os.path.getsize(path))):
+            for k, v in zip(M.SCHEMA.names, (sid, i, j, label, classes[label], rel, size)):
                 rows[k].append(v)
         shard_meta.append({"file": final.name, "rows": len(shard_items), "samples": int((ids >= 0).sum())})
 
@@ -273,7 +273,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(prog="python -m data_prep.convert",
-                description="Convert an ImageFolder tree to FFCV .beton shards and manifest.parquet.")
+                description="Convert an ImageFolder tree to FFCV .beton shards and manifest.parquet. "
+                            "Run again with the same options to finish an interrupted conversion.")
     p.add_argument("--src", required=True, help="ImageFolder root: SRC/CLASS/IMAGE.{jpg,png,...}")
     p.add_argument("--out", required=True, help="output directory (created)")
     g = p.add_mutually_exclusive_group()

@@ -119,10 +119,11 @@ class Batches:
 
 
 def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world_size, res,
-                      aug="v2", device="cpu", num_workers=None):
+                      aug="v2", device="cpu", num_workers=None, crop_min=CROP_SCALE[0]):
     """Two augmented views per sample: yields (view_q, view_k, label, sample_id), the views float32
     NCHW normalised on `device`, label and sample_id int64 on the CPU. aug: 'v1', 'v2' or None.
-    len() = the steps left in this epoch from `start` for this world size."""
+    len() = the steps left in this epoch from `start` for this world size. crop_min: the smallest
+    crop area of RandomResizedCrop (MoCo: 0.2)."""
     path = _check(path)
     n = dataset_info(path)["n"]
     b = int(batch_per_worker)
@@ -132,7 +133,8 @@ def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world
     device = torch.device(device)
 
     def batches():
-        for (q, k), label, sid in _batches(path, rows, sizes, "train", res, num_workers, device):
+        for (q, k), label, sid in _batches(path, rows, sizes, "train", res, num_workers, device,
+                                                 (crop_min, 1.0)):
             q, k = (augment(v.to(device, non_blocking=True), aug) for v in (q, k))   # independent draws
             yield q, k, label, sid
 
@@ -156,11 +158,11 @@ def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", n
     return Batches(len(sizes), batches)
 
 
-def _batches(path, rows, sizes, kind, res, num_workers, device):
+def _batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
     """([uint8 views...], label, sample_id) for consecutive slices of `rows` of the given sizes."""
     if _is_converted(path):
-        return _ffcv_batches(path, rows, sizes, kind, res, num_workers, device)
-    return _folder_batches(path, rows, sizes, kind, res, num_workers, device)
+        return _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale)
+    return _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def _feed_order():
     return FeedOrder
 
 
-def _pipelines(kind, res):
+def _pipelines(kind, res, scale=CROP_SCALE):
     from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
                                       RandomResizedCropRGBImageDecoder)
     from ffcv.pipeline import PipelineSpec
@@ -195,7 +197,7 @@ def _pipelines(kind, res):
                           ToTorchImage()], **ints}
 
     def view():  # fresh op instances per view: ffcv ops keep state and must not be shared
-        return RandomResizedCropRGBImageDecoder((res, res), scale=CROP_SCALE), [
+        return RandomResizedCropRGBImageDecoder((res, res), scale=scale), [
             RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
 
     (dec_q, ops_q), (dec_k, ops_k) = view(), view()
@@ -228,7 +230,7 @@ def _image_area(reader):
     return int(meta["height"].max()) * int(meta["width"].max())
 
 
-def _shard_loader(man, shard, order, kind, res, chunk, num_workers):
+def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_SCALE):
     """An ffcv Loader that reads `order` (rows of one shard). All shards of a dataset share one
     template Loader and so its numba-compiled pipeline, which costs seconds to minutes per
     compilation: a shard's Loader is a copy of the template with that shard's reader and memory
@@ -237,12 +239,12 @@ def _shard_loader(man, shard, order, kind, res, chunk, num_workers):
     from ffcv.loader import Loader
 
     paths = [man.shard_path(i) for i in range(len(man.shards))]
-    key = (tuple(_stat_key(p) for p in paths), kind, res, chunk, num_workers)
+    key = (tuple(_stat_key(p) for p in paths), kind, res, chunk, num_workers, tuple(scale))
     if key not in _TEMPLATES:
         big = max(paths, key=lambda p: _image_area(_shard_state(p)[0]))
         torch_threads = torch.get_num_threads()
         _TEMPLATES[key] = Loader(str(big), batch_size=chunk, num_workers=max(1, num_workers),
-                                 order=_feed_order(), pipelines=_pipelines(kind, res),
+                                 order=_feed_order(), pipelines=_pipelines(kind, res, scale),
                                  drop_last=False, batches_ahead=2)
         torch.set_num_threads(torch_threads)   # ffcv sets torch's thread count to its own
     loader = copy.copy(_TEMPLATES[key])
@@ -269,6 +271,7 @@ class _ShardStream:
         while have < m:
             if self.it is None:
                 self.it = iter(self.loader)
+            self._wait_for_batch()
             # ffcv reuses its output buffers a few batches later: copy out right away
             part = {k: v.clone() for k, v in zip(self.names, next(self.it))}
             # ffcv sets torch's (process-wide) thread count to its own worker count, also from
@@ -283,19 +286,29 @@ class _ShardStream:
         self.parts = [rest] if len(rest[M.ID]) else []
         return {k: v[:m] for k, v in out.items()}
 
+    def _wait_for_batch(self):
+        # ffcv's reader thread dies on an error (its traceback is printed) and leaves next()
+        # waiting forever: wait here instead, and notice
+        q = self.it.output_queue
+        with q.not_empty:
+            while not q.queue:
+                if not self.it.is_alive():
+                    raise RuntimeError(f"ffcv stopped reading {self.loader.fname} (see the error above)")
+                q.not_empty.wait(1.0)
+
     def close(self):
         if self.it is not None:
             self.it.close()
 
 
-def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device):
+def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
     man = _manifest(str(path), os.stat(Path(path) / M.MANIFEST).st_mtime_ns)
     shard, local = man.shard[rows], man.index[rows]
     n_shards = len(man.shards)
     step = max(sizes, default=1)
     chunk = step if n_shards == 1 else max(16, -(-step // n_shards))
     streams = {s: _ShardStream(_shard_loader(man, s, local[shard == s].astype(np.uint64), kind, res,
-                                             chunk, num_workers))
+                                             chunk, num_workers, scale))
                for s in np.unique(shard)}
     views = [M.IMAGE] if kind == "eval" else [M.IMAGE, "image_k"]
     pin = device.type == "cuda"   # pinned host memory: the copy to the GPU overlaps
@@ -352,20 +365,20 @@ class _FolderViews(torch.utils.data.Dataset):
         return [t(img) for t in self.views], label, i
 
 
-def _folder_transforms(kind, res):
+def _folder_transforms(kind, res, scale=CROP_SCALE):
     from torchvision.transforms import v2 as T
 
     if kind == "eval":
         return [T.Compose([T.Resize(round(res / EVAL_CROP)), T.CenterCrop(res), T.PILToTensor()])]
-    return [T.Compose([T.RandomResizedCrop(res, scale=CROP_SCALE, antialias=True),
+    return [T.Compose([T.RandomResizedCrop(res, scale=scale, antialias=True),
                        T.RandomHorizontalFlip(), T.PILToTensor()]) for _ in range(2)]
 
 
-def _folder_batches(path, rows, sizes, kind, res, num_workers, device):
+def _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
     if not sizes:
         return
     folder = _image_folder(str(Path(path).resolve()))
-    dataset = _FolderViews(folder, _folder_transforms(kind, res))
+    dataset = _FolderViews(folder, _folder_transforms(kind, res, scale))
     # rows are already this rank's, in order: the sampler just replays them (sizes: all equal
     # but the last)
     loader = torch.utils.data.DataLoader(
