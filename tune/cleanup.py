@@ -1,9 +1,11 @@
-"""Releases the worker placement groups of trials that Tune stopped.
+"""Releases the worker placement groups that ended trials leave behind.
 
 A Ray Train V2 run reserves its workers with a placement group created by its controller actor. When
 ASHA stops a trial, Tune ends the trial's actor, the controller (which that actor owns) dies with it,
 and the placement group, whose lifetime belongs to the job and not to the actor, keeps its resources
-until the sweep's driver exits: the next trials then wait for resources that never come back. Ray
+until the sweep's driver exits: the next trials then wait for resources that never come back. The
+same happens, as a race, when a trial finishes: Tune ends its actor as soon as the trainable returns,
+sometimes before the controller has removed its placement group. Ray
 Train starts a detached PlacementGroupCleaner for this case, but it watches the controller through
 the State API, which needs the dashboard and a host with one Ray instance; without them it dies and
 the placement group leaks. So the sweep's driver also releases them itself: a placement group of
@@ -65,7 +67,7 @@ def release_orphans(since_ms=0):
         except Exception as e:  # noqa: BLE001
             log.warning("could not remove orphaned placement group %s: %s", pg_id, e)
     if released:
-        print(f"[sweep] released {len(released)} placement group(s) of stopped trials", flush=True)
+        print(f"[sweep] released {len(released)} placement group(s) left by ended trials", flush=True)
     return released
 
 

@@ -91,14 +91,15 @@ def heatmap(rows, spec, out):
     cmap = "viridis" if spec["mode"] == "max" else "viridis_r"
     if len(taus) * len(ms) <= 144:
         grid = np.full((len(ms), len(taus)), np.nan)
-        stopped = np.zeros_like(grid, dtype=bool)
+        stopped = np.zeros_like(grid, dtype=object)
         for i, m in enumerate(ms):
             for j, t in enumerate(taus):
                 cell = [r for r in rows if r["m"] == m and r["tau"] == t]
                 vals = [r[key] for r in cell if not math.isnan(r[key])]
                 if vals:
                     grid[i, j] = sum(vals) / len(vals)
-                stopped[i, j] = bool(cell) and all(r["stopped_early"] for r in cell)
+                if cell and all(r["stopped_early"] for r in cell):
+                    stopped[i, j] = f"stopped @ epoch {max(r['epochs'] for r in cell)}"
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="lower", aspect="auto")
         ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
         ax.set_yticks(range(len(ms)), [f"{m:g}" for m in ms])
@@ -109,7 +110,7 @@ def heatmap(rows, spec, out):
                 if np.isnan(grid[i, j]):
                     label, colour = "-", "black"
                 else:
-                    label = f"{grid[i, j]:.3g}" + ("\nstopped" if stopped[i, j] else "")
+                    label = f"{grid[i, j]:.3g}" + (f"\n{stopped[i, j]}" if stopped[i, j] else "")
                     bright = (grid[i, j] > middle) == (spec["mode"] == "max")
                     colour = "black" if bright else "white"
                 ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=9)
