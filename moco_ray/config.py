@@ -22,6 +22,7 @@ class Config:
     knn_data: str = ""            # labelled held-out split for the kNN monitor; "" = none (or digits val)
     res: int = 224                # crop size
     aug: str = "v2"               # v1 | v2 ("aug+")
+    crop_min: float = 0.2         # smallest RandomResizedCrop area (the paper's 0.2)
     loader_workers: int = 4       # decode threads per training worker
     # model (MoCo paper names)
     arch: str = "resnet50"
@@ -60,10 +61,11 @@ class Config:
 PRESETS = {
     "moco-v1": dict(mlp=False, T=0.07, aug="v1", schedule="step", lr=0.03),
     "moco-v2": dict(mlp=True, T=0.2, aug="v2", schedule="cosine", lr=0.03),
-    # Tiny and CPU-sized: resnet18 on 32px digits, 2 workers.
+    # Tiny and CPU-sized: resnet18 on 16px crops of the 32px digits, 2 workers. K stays well below
+    # the 1437 training images, so an image's own older keys are rarely among its negatives.
     "demo": dict(
-        arch="resnet18", small_stem=True, res=32, aug="v2", mlp=True, T=0.2, K=4096, m=0.99,
-        batch_size=128, lr=0.06, epochs=12, schedule="cosine", knn_every=4,
+        arch="resnet18", small_stem=True, res=16, aug="v2", mlp=True, T=0.2, K=512, m=0.99,
+        batch_size=128, lr=0.06, epochs=30, schedule="cosine", knn_every=10,
         report_every=5, checkpoint_every_steps=50, keep_checkpoints=2, loader_workers=1,
         metrics_port=0,
     ),
@@ -158,6 +160,8 @@ def validate(cfg, max_workers=1):
                 "keep_checkpoints", "bn_splits", "knn_k", "loader_workers"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    if not 0 < cfg.crop_min <= 1:
+        raise ConfigError(f"crop_min={cfg.crop_min} must be in (0, 1]")
     for key in ("lr", "knn_t"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")

@@ -155,7 +155,7 @@ def train_func(config):
         loader = data.make_train_loader(
             cfg.data, seed=cfg.seed, epoch=epoch, start=progress["samples_in_epoch"],
             batch_per_worker=b, rank=rank, world_size=W, res=cfg.res, aug=cfg.aug, device=device,
-            num_workers=cfg.loader_workers)
+            num_workers=cfg.loader_workers, crop_min=cfg.crop_min)
         t_end = time.perf_counter()
         for im_q, im_k, _, sample_id in loader:
             t_data = time.perf_counter()
