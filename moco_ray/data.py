@@ -13,7 +13,7 @@ After k steps, start + k * b * W rows of the epoch are consumed, so resuming fro
 with any other world size sees every row of the epoch exactly once.
 
 ffcv reads one .beton file per Loader, so a converted dataset with several shards gets one Loader
-per shard, all sharing one numba compilation per process (see _shard_loader). Every shard's Loader
+per shard, all sharing one numba compilation per pipeline and process (see _shard_loader). Every shard's Loader
 is fed, through a registered TraversalOrder, exactly this rank's rows that live in that shard, in
 epoch order, and the batches are reassembled in the epoch order from their outputs. Each shard
 that a step reads from keeps its own prefetch buffers (about 4 x max(16, b / shards) samples), so
@@ -211,7 +211,7 @@ def _stat_key(path):
 
 
 _SHARDS = {}       # stat key of a shard -> (ffcv Reader, OSCacheManager)
-_TEMPLATES = {}    # (stat keys of all shards, pipeline) -> ffcv Loader
+_TEMPLATES = {}    # pipeline -> (ffcv Loader, the largest image area it can decode)
 
 
 def _shard_state(path):
@@ -231,25 +231,31 @@ def _image_area(reader):
 
 
 def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_SCALE):
-    """An ffcv Loader that reads `order` (rows of one shard). All shards of a dataset share one
-    template Loader and so its numba-compiled pipeline, which costs seconds to minutes per
-    compilation: a shard's Loader is a copy of the template with that shard's reader and memory
-    manager. ffcv sizes the decode buffer from the largest image (max height x max width) of the
-    file a Loader is built on, so the template is built on the shard where that is largest."""
+    """An ffcv Loader that reads `order` (rows of one shard), `chunk` rows at a time.
+
+    numba compiles a Loader's pipeline on first use, seconds to minutes. The compiled code does
+    not depend on the file or the batch size, so one template Loader per pipeline serves every
+    shard of every dataset in this process: a shard's Loader is a copy of the template with that
+    shard's reader, memory manager, order and batch size. The one thing taken from the file a
+    Loader is built on is the size of the decode buffer (its largest height x largest width), so
+    the template is rebuilt on a bigger shard when one needs more."""
     from ffcv.loader import Loader
 
     paths = [man.shard_path(i) for i in range(len(man.shards))]
-    key = (tuple(_stat_key(p) for p in paths), kind, res, chunk, num_workers, tuple(scale))
-    if key not in _TEMPLATES:
+    area = max(_image_area(_shard_state(p)[0]) for p in paths)
+    key = (kind, res, num_workers, tuple(scale))
+    if key not in _TEMPLATES or _TEMPLATES[key][1] < area:
         big = max(paths, key=lambda p: _image_area(_shard_state(p)[0]))
         torch_threads = torch.get_num_threads()
-        _TEMPLATES[key] = Loader(str(big), batch_size=chunk, num_workers=max(1, num_workers),
-                                 order=_feed_order(), pipelines=_pipelines(kind, res, scale),
-                                 drop_last=False, batches_ahead=2)
+        template = Loader(str(big), batch_size=chunk, num_workers=max(1, num_workers),
+                          order=_feed_order(), pipelines=_pipelines(kind, res, scale),
+                          drop_last=False, batches_ahead=2)
         torch.set_num_threads(torch_threads)   # ffcv sets torch's thread count to its own
-    loader = copy.copy(_TEMPLATES[key])
+        _TEMPLATES[key] = template, area
+    loader = copy.copy(_TEMPLATES[key][0])
     loader.fname = str(paths[shard])
     loader.reader, loader.memory_manager = _shard_state(paths[shard])
+    loader.batch_size = chunk
     loader.traversal_order = _feed_order()(loader)
     loader.traversal_order.order = order
     loader.first_traversal_order = order       # len(loader), and so what iter() yields, counts from it
