@@ -147,7 +147,7 @@ def train_func(config):
     ray.train.report({"event": "start", "world_size": W, "step": progress["step"],
                       "epoch": progress["epoch"], "resumed_from": resumed_from,
                       "batch_effective": B, "total_steps": total_steps,
-                      "knn_init_top1": progress["knn_init_top1"]})
+                      "knn_init_top1": progress["knn_init_top1"], "config": cfg.to_dict()})
 
     images_seen, t_run, last, knn_step = 0, time.perf_counter(), {}, None
     while progress["epoch"] < cfg.epochs and progress["step"] < total_steps:
@@ -179,7 +179,7 @@ def train_func(config):
                 "accuracy": float(stats["acc"]),
                 "images": images_seen, "step_time_s": t_step - t_end, "data_wait_s": t_data - t_end,
                 "images_per_s": images_seen * W / (t_step - t_run), "batch_effective": B,
-                "world_size": W, "restarts": progress["starts"],
+                "world_size": W, "restarts": progress["starts"] - 1,
                 "queue_keys": len(model.queue), "queue_age_steps": queue_age(model.queue, progress["step"]),
                 "knn_top1": progress["knn_top1"], "knn_init_top1": progress["knn_init_top1"],
                 "rss_bytes": _rss_bytes(),
@@ -357,7 +357,7 @@ def main(argv=None):
 
     import ray
 
-    from moco_ray.progress import ProgressCallback
+    from moco_ray.progress import ProgressCallback, watch
 
     if args.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -376,7 +376,7 @@ def main(argv=None):
     trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
                            callbacks=[ProgressCallback(storage_path / name)],
                            resize_interval_s=args.resize_interval_s)
-    result = trainer.fit()
+    result = watch(storage_path / name, trainer.fit)
     wall = time.perf_counter() - t0
     m = result.metrics or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
