@@ -2,8 +2,8 @@
 coverage across world-size changes (from the sample ids the loader yields), eval slices.
 
 Every image's pixels encode its id (conftest_data), so the tests check what was decoded, not only
-the ids the loader reports. One converted dataset with two shards serves the module: each ffcv
-Loader compiles with numba once per process."""
+the ids the loader reports. One converted dataset with two shards serves most tests; numba compiles
+each ffcv pipeline (train, eval) once per process, whatever the dataset or shard."""
 import numpy as np
 import pytest
 import torch
