@@ -239,15 +239,17 @@ def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_S
     shard's reader, memory manager, order and batch size. The one thing taken from the file a
     Loader is built on is the size of the decode buffer (its largest height x largest width), so
     the template is rebuilt on a bigger shard when one needs more."""
+    import numba
     from ffcv.loader import Loader
 
+    num_workers = min(max(1, num_workers), numba.config.NUMBA_NUM_THREADS)   # numba refuses more
     paths = [man.shard_path(i) for i in range(len(man.shards))]
     area = max(_image_area(_shard_state(p)[0]) for p in paths)
     key = (kind, res, num_workers, tuple(scale))
     if key not in _TEMPLATES or _TEMPLATES[key][1] < area:
         big = max(paths, key=lambda p: _image_area(_shard_state(p)[0]))
         torch_threads = torch.get_num_threads()
-        template = Loader(str(big), batch_size=chunk, num_workers=max(1, num_workers),
+        template = Loader(str(big), batch_size=chunk, num_workers=num_workers,
                           order=_feed_order(), pipelines=_pipelines(kind, res, scale),
                           drop_last=False, batches_ahead=2)
         torch.set_num_threads(torch_threads)   # ffcv sets torch's thread count to its own
