@@ -27,8 +27,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def dir_name(step):
-    return f"checkpoint_{step:09d}"
+def dir_name(step, start=0):
+    """One name per (step, worker-group start): a group resumed from an older checkpoint saves the
+    same steps again, and Ray must never see two checkpoints in one directory."""
+    return f"checkpoint_{step:09d}-{start:03d}"
 
 
 def queue_file(rank):
@@ -101,17 +103,18 @@ def verify(path, deep=True):
     return manifest
 
 
-def _step_of(path):
-    m = re.fullmatch(r"checkpoint_(\d+)", Path(path).name)
-    return int(m.group(1)) if m else -1
+def _order(path):
+    """(step, start) of a checkpoint directory name; (-1, -1) for anything else."""
+    m = re.fullmatch(r"checkpoint_(\d+)(?:-(\d+))?", Path(path).name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (-1, -1)
 
 
 def candidates(latest_path):
     """The reported checkpoint and its older siblings in the run directory, newest first."""
     latest = Path(latest_path)
-    siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and _step_of(p) >= 0]
-    siblings = sorted(siblings, key=_step_of, reverse=True)
-    return [latest] + [p for p in siblings if p != latest and _step_of(p) < _step_of(latest)]
+    siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and _order(p) >= (0, 0)]
+    siblings = sorted(siblings, key=_order, reverse=True)
+    return [latest] + [p for p in siblings if p != latest and _order(p) < _order(latest)]
 
 
 def find_valid(latest_path):

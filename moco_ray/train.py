@@ -140,7 +140,7 @@ def train_func(config):
             seconds = checkpoint.save(tmp, rank, W, state, model.queue.state_dict(), meta)
             metrics = dict(metrics, checkpoint_save_s=seconds)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint.dir_name(progress["step"]))
+                             checkpoint_dir_name=checkpoint.dir_name(progress["step"], progress["starts"]))
 
     if progress["knn_init_top1"] is None and progress["step"] == 0:
         progress["knn_init_top1"] = run_knn()
