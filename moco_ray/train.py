@@ -203,9 +203,10 @@ def train_func(config):
         progress["epoch"] += 1
         progress["samples_in_epoch"] = 0
         last_epoch = progress["epoch"] >= cfg.epochs
+        last["epoch"] = progress["epoch"]
         if cfg.knn_every and (progress["epoch"] % cfg.knn_every == 0 or last_epoch):
             progress["knn_top1"], knn_step = run_knn(), progress["step"]
-            last.update(knn_top1=progress["knn_top1"], epoch=progress["epoch"])
+            last["knn_top1"] = progress["knn_top1"]
             if meter:
                 meter.update(last)
         if not (progress["step"] >= total_steps or last_epoch):
