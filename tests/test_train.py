@@ -42,7 +42,7 @@ def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
 
     # A corrupt newest checkpoint is skipped: --resume continues from the previous one, and the step
     # and epoch counters go on from there.
-    previous = sorted(p for p in (tmp_path / "short").glob("checkpoint_*") if p != final)[-1]
+    previous = sorted(p for p in (tmp_path / "short").glob("checkpoint_0*") if p.is_dir() and p != final)[-1]
     with open(final / checkpoint.queue_file(1), "r+b") as f:
         f.write(b"corrupt!")
     assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", "epochs=4")) == 0
@@ -84,12 +84,16 @@ def test_ray_job_submit_against_a_local_head(digits, tmp_path):
                 break
             time.sleep(1)
         args = " ".join(tiny_run_args(digits, tmp_path, "submitted", "--set", "epochs=1", "--set", "max_steps=4"))
-        job = subprocess.run(
-            [ray, "job", "submit", "--address", "http://127.0.0.1:8299", "--working-dir", str(REPO),
-             "--submission-id", "moco-test", "--", "python", "-m", "moco_ray.train", *args.split()],
-            env=env, capture_output=True, text=True, timeout=600)
+        for attempt in range(30):  # the job agent comes up a little after the dashboard answers
+            job = subprocess.run(
+                [ray, "job", "submit", "--address", "http://127.0.0.1:8299", "--working-dir", str(REPO),
+                 "--submission-id", f"moco-test-{attempt}", "--", "python", "-m", "moco_ray.train",
+                 *args.split()], env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        status = subprocess.run([ray, "job", "status", "--address", "http://127.0.0.1:8299", "moco-test"],
+        status = subprocess.run([ray, "job", "status", "--address", "http://127.0.0.1:8299", f"moco-test-{attempt}"],
                                 env=env, capture_output=True, text=True)
         assert "SUCCEEDED" in status.stdout + status.stderr
         assert "[moco_ray] summary" in job.stdout
