@@ -21,7 +21,7 @@ def ray_session(_ray_shutdown_at_end):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     return ray
 
 
