@@ -44,6 +44,13 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return out
 
 
+class SplitBatchNorm1d(SplitBatchNorm):
+    """SplitBatchNorm over the features of a (N, C) batch: the MLP head's optional hidden BN."""
+
+    def forward(self, input):
+        return super().forward(input[:, :, None, None])[:, :, 0, 0]
+
+
 def set_bn_splits(module: nn.Module, num_splits: int) -> nn.Module:
     for m in module.modules():
         if isinstance(m, SplitBatchNorm):
@@ -51,8 +58,14 @@ def set_bn_splits(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
-def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: int = 1) -> nn.Module:
-    """A torchvision ResNet whose `fc` is the MoCo head (v1: linear; v2: MLP when mlp=True)."""
+def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: int = 1,
+                  head_bn: bool = False) -> nn.Module:
+    """A torchvision ResNet whose `fc` is the MoCo head (v1: linear; v2: MLP when mlp=True).
+
+    head_bn puts a BatchNorm between the MLP's hidden layer and its ReLU (SimCLR, MoCo v3). It is
+    not in the MoCo papers; the demo needs it: on the digits, whose images share one black
+    background, every image has nearly the same features at init, and without it the query
+    encoder collapses to one output within the first steps and never recovers."""
     if arch not in ("resnet18", "resnet50"):
         raise ValueError(f"arch must be resnet18 or resnet50, got {arch!r}")
     net = getattr(torchvision.models, arch)(
@@ -63,7 +76,8 @@ def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: 
         net.maxpool = nn.Identity()
     if mlp:  # hidden width = feature width: 2048 for resnet50, 512 for resnet18
         dim_mlp = net.fc.weight.shape[1]
-        net.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), net.fc)
+        hidden = [SplitBatchNorm1d(dim_mlp, num_splits)] if head_bn else []
+        net.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), *hidden, nn.ReLU(), net.fc)
     return net
 
 

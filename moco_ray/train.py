@@ -70,13 +70,19 @@ def train_func(config):
     ctx = ray.train.get_context()
     rank, W, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     device = ray.train.torch.get_device()
-    logging.basicConfig(level=logging.INFO, format=f"[moco_ray rank {rank}] %(message)s")
+    # our logger only: configuring the root logger would turn on Ray Train's INFO line per report
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[moco_ray rank {rank}] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
     b = cfg.batch_size // W
     B = b * W
     torch.manual_seed(cfg.seed)
     model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp,
-                 small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed).to(device)
+                 small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed,
+                 head_bn=cfg.head_bn).to(device)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
 
@@ -273,7 +279,7 @@ def build_parser():
     p.add_argument("--config", default="demo", help="preset (demo, moco-v1, moco-v2) or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set T=0.2 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
     p.add_argument("--num-workers", default="2", help="N, or MIN:MAX for elastic training (default 2)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group failures to survive")
     p.add_argument("--resize-interval-s", type=float, default=60.0,
@@ -360,10 +366,12 @@ def main(argv=None):
 
     from moco_ray.progress import ProgressCallback, watch
 
-    if args.address is None:
+    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(address=args.address)
+        # "local": never join a cluster that `ray start` left behind (or that died)
+        ray.init(address=address or "local")
     use_gpu = {"true": True, "false": False}.get(args.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

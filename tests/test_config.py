@@ -9,6 +9,7 @@ def test_presets_follow_the_papers():
     assert (v1.K, v1.m, v1.dim, v1.T, v1.mlp, v1.aug, v1.schedule) == (65536, 0.999, 128, 0.07, False, "v1", "step")
     assert (v2.T, v2.mlp, v2.aug, v2.schedule) == (0.2, True, "v2", "cosine")
     assert (v2.lr, v2.momentum, v2.weight_decay, v2.epochs, v2.batch_size) == (0.03, 0.9, 1e-4, 200, 256)
+    assert not v1.head_bn and not v2.head_bn and v1.crop_min == v2.crop_min == 0.2  # the paper's heads and crops
     assert C.preset("demo").arch == "resnet18"
 
 
@@ -23,6 +24,7 @@ def test_set_coerces_types():
     (["T=0"], "temperature must be > 0"),
     (["m=1.0"], "momentum must be in [0, 1)"),
     (["K=64", "batch_size=128"], "smaller than the global batch"),
+    (["mlp=false"], "head_bn=true needs the MLP head"),
     (["batch_size=1"], "smaller than the 2 workers"),
     (["bn=magic"], "bn='magic'"),
     (["data=/does/not/exist"], "no such dataset"),

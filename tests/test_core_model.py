@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from moco_ray.model import SplitBatchNorm, build_encoder, momentum_update
+from moco_ray.model import SplitBatchNorm, SplitBatchNorm1d, build_encoder, momentum_update
 
 
 @pytest.mark.parametrize("arch,hidden", [("resnet18", 512), ("resnet50", 2048)])
@@ -16,6 +16,20 @@ def test_heads(arch, hidden):
     v2 = build_encoder(arch, 128, mlp=True, small_stem=False)
     assert [type(m) for m in v2.fc] == [nn.Linear, nn.ReLU, nn.Linear]
     assert v2.fc[0].in_features == v2.fc[0].out_features == hidden and v2.fc[2].out_features == 128
+    bn = build_encoder(arch, 128, mlp=True, small_stem=False, head_bn=True)
+    assert [type(m) for m in bn.fc] == [nn.Linear, SplitBatchNorm1d, nn.ReLU, nn.Linear]
+    assert bn.fc[1].num_features == hidden
+
+
+def test_head_bn_splits_like_per_group_batchnorm1d():
+    torch.manual_seed(0)
+    x = torch.randn(12, 6) * 3 + 1
+    split = SplitBatchNorm1d(6, num_splits=3).train()
+    reference = nn.BatchNorm1d(6).train()
+    expected = torch.empty_like(x)
+    for s in range(3):  # sample j is in split j % 3
+        expected[s::3] = reference(x[s::3])
+    assert torch.allclose(split(x), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

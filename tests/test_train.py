@@ -1,6 +1,7 @@
 """End to end on a real local Ray: the driver, TorchTrainer with 2 gloo workers, checkpoints, resume."""
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -66,37 +67,50 @@ def test_existing_run_name_needs_resume(ray_session, digits, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def free_ports(n):
+    """n distinct ports that are free now (bound to port 0, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason="on this 2-core sandbox the job agent of a `ray start --head` never came up "
-                         "(ray job submit: 500 'No available agent') within a minute; open in issue 3")
-def test_ray_job_submit_against_a_local_head(digits, tmp_path):
+def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                RAY_USAGE_STATS_ENABLED="0")
     ray = str(Path(sys.executable).parent / "ray")
+    # A second cluster beside the session's own: every listener gets its own port. With the
+    # defaults both dashboard agents want 52365, the second one loses, and `ray job submit` answers
+    # 500 "No available agent".
+    gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
+    address = f"http://127.0.0.1:{dashboard}"
     # --block keeps the head in this child process: terminating it stops this cluster only, not the
     # test session's own Ray instance (which `ray stop` would kill too).
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--port", "6390", "--num-cpus", "2",
-                             "--dashboard-port", "8299", "--include-dashboard", "true",
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
+                             "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+                             "--dashboard-agent-listen-port", str(agent),
+                             "--dashboard-agent-grpc-port", str(agent_grpc),
+                             "--runtime-env-agent-port", str(runtime_env),
+                             "--metrics-export-port", str(metrics), "--ray-client-server-port", str(client),
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         for _ in range(120):
-            up = subprocess.run([ray, "job", "list", "--address", "http://127.0.0.1:8299"], env=env,
-                                capture_output=True)
+            up = subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True)
             if up.returncode == 0:
                 break
             time.sleep(1)
-        args = " ".join(tiny_run_args(digits, tmp_path, "submitted", "--set", "epochs=1", "--set", "max_steps=4"))
-        for attempt in range(30):  # the job agent comes up a little after the dashboard answers
-            job = subprocess.run(
-                [ray, "job", "submit", "--address", "http://127.0.0.1:8299", "--working-dir", str(REPO),
-                 "--submission-id", f"moco-test-{attempt}", "--", "python", "-m", "moco_ray.train",
-                 *args.split()], env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(2)
+        args = tiny_run_args(digits, tmp_path, "submitted", "--set", "epochs=1", "--set", "max_steps=4")
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--submission-id", "moco-test", "--", "python", "-m", "moco_ray.train", *args],
+            env=env, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        status = subprocess.run([ray, "job", "status", "--address", "http://127.0.0.1:8299", f"moco-test-{attempt}"],
+        status = subprocess.run([ray, "job", "status", "--address", address, "moco-test"],
                                 env=env, capture_output=True, text=True)
         assert "SUCCEEDED" in status.stdout + status.stderr
         assert "[moco_ray] summary" in job.stdout
