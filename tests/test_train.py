@@ -110,9 +110,8 @@ def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
              "--submission-id", "moco-test", "--", "python", "-m", "moco_ray.train", *args],
             env=env, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        status = subprocess.run([ray, "job", "status", "--address", address, "moco-test"],
-                                env=env, capture_output=True, text=True)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        from ray.job_submission import JobStatus, JobSubmissionClient
+        assert JobSubmissionClient(address).get_job_status("moco-test") == JobStatus.SUCCEEDED
         assert "[moco_ray] summary" in job.stdout
         assert (tmp_path / "submitted").is_dir()
     finally:
