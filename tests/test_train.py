@@ -22,19 +22,24 @@ def steps_of(rows):
 
 
 def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
-    assert main(tiny_run_args(digits, tmp_path, "short", "--set", "epochs=3")) == 0
+    # K=128: the queue holds 2 steps of keys, so the loss starts falling within the first epochs
+    short = ("--set", "K=128", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30")
+    assert main(tiny_run_args(digits, tmp_path, "short", "--set", "epochs=5", *short)) == 0
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "random init" in out
 
     rows = read_metrics(tmp_path / "short")
     steps = steps_of(rows)
+    n_steps = len(digits_train_ids(digits)) // 64 * 5
+    assert steps[-1]["step"] == n_steps and steps[-1]["epoch"] == 5
     losses = [r["loss"] for r in steps]
-    n_steps = len(digits_train_ids(digits)) // 64 * 3
-    assert steps[-1]["step"] == n_steps and steps[-1]["epoch"] == 3
-    # Every step's InfoNCE stays finite and below chance, log(K+1): the positive key is on average
-    # closer to its query than the 512 negatives. (On the digits the loss does not fall within a
-    # CPU-sized run: see the closing note of issue 3.)
-    assert all(math.isfinite(x) and x < math.log(512 + 1) for x in losses), losses
+    assert all(math.isfinite(x) for x in losses), losses
+    # The loss falls: the last epoch's reports against the first epoch's, leaving out the steps
+    # before the queue is full of real keys (its random initial keys make those losses low).
+    per_epoch = n_steps // 5
+    first = [r["loss"] for r in steps if 128 // 64 < r["step"] <= per_epoch]
+    last = [r["loss"] for r in steps if r["step"] > n_steps - per_epoch]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.2, (first, last)
     assert rows[-1]["knn_top1"] is not None and rows[0]["knn_init_top1"] is not None
 
     final = Path(rows[-1]["checkpoint"])
@@ -47,12 +52,12 @@ def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
     previous_step = checkpoint.verify(previous)["step"]  # Ray may rotate it out during the resume
     with open(final / checkpoint.queue_file(1), "r+b") as f:
         f.write(b"corrupt!")
-    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", "epochs=4")) == 0
+    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", "epochs=6", *short)) == 0
     rows = read_metrics(tmp_path / "short")
     start = [r for r in rows if r.get("event") == "start"][-1]
     assert start["resumed_from"] == str(previous)
     assert start["step"] == previous_step < n_steps
-    assert steps_of(rows)[-1]["step"] == n_steps * 4 // 3
+    assert steps_of(rows)[-1]["step"] == n_steps * 6 // 5
 
 
 def digits_train_ids(digits):
