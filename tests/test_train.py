@@ -23,7 +23,7 @@ def steps_of(rows):
 
 def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
     # K=128: the queue holds 2 steps of keys, so the loss starts falling within the first epochs
-    short = ("--set", "K=128", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30")
+    short = ("--set", "K=128", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30", "--set", "report_every=2")
     assert main(tiny_run_args(digits, tmp_path, "short", "--set", "epochs=5", *short)) == 0
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "random init" in out
