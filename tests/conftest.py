@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 
@@ -41,3 +42,26 @@ def tiny_run_args(digits, storage, name, *extra):
     for s in sets:
         args += ["--set", s]
     return args + list(extra)
+
+
+def free_ports(n=1):
+    """A base port p such that p .. p+n-1 are all free on localhost (checked, not reserved)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")

@@ -1,7 +1,6 @@
 """End to end on a real local Ray: the driver, TorchTrainer with 2 gloo workers, checkpoints, resume."""
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run_args
+from conftest import free_ports, tiny_run_args
 from moco_ray import checkpoint
 from moco_ray.progress import read_metrics
 from moco_ray.train import main
@@ -22,22 +21,23 @@ def steps_of(rows):
 
 
 def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
-    # K=128: the queue holds 2 steps of keys, so the loss starts falling within the first epochs
-    short = ("--set", "K=128", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30", "--set", "report_every=2")
-    assert main(tiny_run_args(digits, tmp_path, "short", "--set", "epochs=5", *short)) == 0
+    # K = 2 steps of keys, so the loss starts falling within the first epochs
+    K, B, epochs = 128, 64, 5
+    short = ("--set", f"K={K}", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30", "--set", "report_every=2")
+    assert main(tiny_run_args(digits, tmp_path, "short", "--set", f"epochs={epochs}", *short)) == 0
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "random init" in out
 
     rows = read_metrics(tmp_path / "short")
     steps = steps_of(rows)
-    n_steps = len(digits_train_ids(digits)) // 64 * 5
-    assert steps[-1]["step"] == n_steps and steps[-1]["epoch"] == 5
+    per_epoch = len(digits_train_ids(digits)) // B
+    n_steps = per_epoch * epochs
+    assert steps[-1]["step"] == n_steps and steps[-1]["epoch"] == epochs
     losses = [r["loss"] for r in steps]
     assert all(math.isfinite(x) for x in losses), losses
     # The loss falls: the last epoch's reports against the first epoch's, leaving out the steps
     # before the queue is full of real keys (its random initial keys make those losses low).
-    per_epoch = n_steps // 5
-    first = [r["loss"] for r in steps if 128 // 64 < r["step"] <= per_epoch]
+    first = [r["loss"] for r in steps if K // B < r["step"] <= per_epoch]
     last = [r["loss"] for r in steps if r["step"] > n_steps - per_epoch]
     assert sum(last) / len(last) < sum(first) / len(first) - 0.2, (first, last)
     assert rows[-1]["knn_top1"] is not None and rows[0]["knn_init_top1"] is not None
@@ -52,12 +52,12 @@ def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
     previous_step = checkpoint.verify(previous)["step"]  # Ray may rotate it out during the resume
     with open(final / checkpoint.queue_file(1), "r+b") as f:
         f.write(b"corrupt!")
-    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", "epochs=6", *short)) == 0
+    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", f"epochs={epochs + 1}", *short)) == 0
     rows = read_metrics(tmp_path / "short")
     start = [r for r in rows if r.get("event") == "start"][-1]
     assert start["resumed_from"] == str(previous)
     assert start["step"] == previous_step < n_steps
-    assert steps_of(rows)[-1]["step"] == n_steps * 6 // 5
+    assert steps_of(rows)[-1]["step"] == n_steps + per_epoch
 
 
 def digits_train_ids(digits):
@@ -72,17 +72,6 @@ def test_existing_run_name_needs_resume(ray_session, digits, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def free_ports(n):
-    """n distinct ports that are free now (bound to port 0, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -91,7 +80,8 @@ def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
     # A second cluster beside the session's own: every listener gets its own port. With the
     # defaults both dashboard agents want 52365, the second one loses, and `ray job submit` answers
     # 500 "No available agent".
-    gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
+    base = free_ports(7)
+    gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client = range(base, base + 7)
     address = f"http://127.0.0.1:{dashboard}"
     # --block keeps the head in this child process: terminating it stops this cluster only, not the
     # test session's own Ray instance (which `ray stop` would kill too).
