@@ -45,11 +45,15 @@ class Config:
     lr_steps: tuple = (120, 160)  # epochs at which the step schedule divides lr by 10
     seed: int = 0
     max_steps: int = 0            # stop after this many optimizer steps; 0 = run all epochs
+    precision: str = "auto"       # fp32 | bf16 | fp16 (autocast of the encoders); auto = bf16 on CUDA, fp32 on CPU
+    channels_last: str = "auto"   # true | false; auto = true on CUDA
     # monitoring and checkpoints
     knn_every: int = 1            # epochs; 0 = never
     knn_k: int = 200
     knn_t: float = 0.1
-    report_every: int = 10        # steps
+    knn_chunk: int = 256          # kNN queries scored per round (memory: knn_chunk x bank/W similarities)
+    knn_bank_per_class: int = 0   # kNN bank: a fixed seeded subset of at most this many train samples per class; 0 = all
+    report_every: int = 10        # steps between the metric records rank 0 sends to the driver; 0 = none
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 3
     metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
@@ -60,8 +64,12 @@ class Config:
 
 
 PRESETS = {
-    "moco-v1": dict(mlp=False, T=0.07, aug="v1", schedule="step", lr=0.03),
-    "moco-v2": dict(mlp=True, T=0.2, aug="v2", schedule="cosine", lr=0.03),
+    # kNN monitor: a bank of 100 images per class (100,000 on ImageNet, under 8% of an epoch) every
+    # 10 epochs
+    "moco-v1": dict(mlp=False, T=0.07, aug="v1", schedule="step", lr=0.03, knn_every=10,
+                    knn_bank_per_class=100),
+    "moco-v2": dict(mlp=True, T=0.2, aug="v2", schedule="cosine", lr=0.03, knn_every=10,
+                    knn_bank_per_class=100),
     # Tiny and CPU-sized: resnet18 on 16px crops of the 32px digits, 2 workers. K stays well below
     # the 1437 training images, so an image's own older keys are rarely among its negatives. Two
     # changes from the paper make it learn in minutes (measured in the closing note of issue 3):
@@ -76,7 +84,8 @@ PRESETS = {
 }
 
 CHOICES = {"aug": ("v1", "v2"), "bn": ("shuffle", "sync", "split"), "schedule": ("cosine", "step"),
-           "arch": ("resnet18", "resnet50")}
+           "arch": ("resnet18", "resnet50"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "channels_last": ("auto", "true", "false")}
 
 
 def preset(name):
@@ -160,8 +169,8 @@ def validate(cfg, max_workers=1):
         raise ConfigError(f"T={cfg.T}: the temperature must be > 0")
     if not 0 <= cfg.m < 1:
         raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
-    for key in ("dim", "K", "batch_size", "epochs", "res", "report_every", "checkpoint_every_steps",
-                "keep_checkpoints", "bn_splits", "knn_k", "loader_workers"):
+    for key in ("dim", "K", "batch_size", "epochs", "res", "checkpoint_every_steps",
+                "keep_checkpoints", "bn_splits", "knn_k", "knn_chunk", "loader_workers"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
     if cfg.head_bn and not cfg.mlp:
@@ -171,7 +180,8 @@ def validate(cfg, max_workers=1):
     for key in ("lr", "knn_t"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
-    for key in ("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port"):
+    for key in ("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port", "report_every",
+                "knn_bank_per_class"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
     if max_workers < 1:
@@ -187,6 +197,16 @@ def validate(cfg, max_workers=1):
         if value and not os.path.exists(value):
             raise ConfigError(f"{key}={value!r}: no such dataset directory")
     return cfg
+
+
+def for_device(cfg, cuda):
+    """The config with its device-dependent "auto" values resolved (the start-up log shows these)."""
+    from moco_ray.precision import resolve
+
+    precision, channels_last = resolve(cfg.precision, cfg.channels_last, cuda)
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision=fp16 needs a GPU here; use bf16 or fp32 on the CPU")
+    return dataclasses.replace(cfg, precision=precision, channels_last=channels_last)
 
 
 def describe(cfg):

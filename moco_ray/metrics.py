@@ -1,6 +1,7 @@
 """The one metric vocabulary. Each training metric is named once here; the per-worker loop fills a
-dict with these keys, which goes both to ray.train.report (and from there to metrics.jsonl and the
-run report) and to the worker's Prometheus endpoint.
+dict with these keys, which goes to the worker's Prometheus endpoint every step, from rank 0 to the
+run's RunLog (metrics.jsonl, the driver's progress, the run report) every report_every steps, and
+with every checkpoint to ray.train.report.
 
     python -m moco_ray.metrics        # the vocabulary as a Markdown table (the README's list)
 """
@@ -58,6 +59,8 @@ VOCABULARY = [
     Metric("world_size", "gauge", "workers", "Number of training workers", "moco_world_size"),
     Metric("restarts", "counter", "restarts",
            "Worker-group restarts and resizes this run has gone through", "moco_restarts"),
+    Metric("skipped_steps", "counter", "steps",
+           "Optimizer steps skipped by the fp16 loss scaler (inf/nan gradients)", "moco_skipped_steps"),
     Metric("queue_keys", "gauge", "keys", "Keys held by this worker's queue shard", "moco_queue_keys"),
     Metric("queue_age_steps", "gauge", "steps", "Age of the oldest key in this shard, in steps",
            "moco_queue_age_steps"),

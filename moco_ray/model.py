@@ -83,7 +83,31 @@ def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: 
 
 @torch.no_grad()
 def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
-    """theta_k = m * theta_k + (1 - m) * theta_q; encoder_q may be wrapped by DDP."""
+    """theta_k = m * theta_k + (1 - m) * theta_q, one tensor at a time (the paper's loop; the
+    reference that MomentumUpdate is tested against). encoder_q may be wrapped by DDP."""
     encoder_q = getattr(encoder_q, "module", encoder_q)
     for param_q, param_k in zip(encoder_q.parameters(), encoder_k.parameters()):
         param_k.mul_(m).add_(param_q.detach(), alpha=1.0 - m)
+
+
+class MomentumUpdate:
+    """The same update as momentum_update, fused: two multi-tensor kernels (_foreach_mul_ and
+    _foreach_add_, the same arithmetic in the same order, so the result is bitwise equal) instead of
+    two kernels per parameter tensor (about 320 launches a step for a ResNet-50 with its MLP head).
+
+    The lists of Parameter objects are built once. Module.to() and load_state_dict() keep those
+    objects (they replace or copy into their data), so the lists stay valid; DDP wraps encoder_q without replacing its parameters.
+    Buffers (BN running statistics) are not averaged, as in the authors' code: the key encoder's BN
+    layers keep their own running statistics, updated by its forward passes in train mode."""
+
+    def __init__(self, encoder_q: nn.Module, encoder_k: nn.Module):
+        encoder_q = getattr(encoder_q, "module", encoder_q)
+        self.params_q = list(encoder_q.parameters())
+        self.params_k = list(encoder_k.parameters())
+        if len(self.params_q) != len(self.params_k):
+            raise ValueError("encoder_q and encoder_k have different parameters")
+
+    @torch.no_grad()
+    def __call__(self, m: float) -> None:
+        torch._foreach_mul_(self.params_k, m)
+        torch._foreach_add_(self.params_k, self.params_q, alpha=1.0 - m)

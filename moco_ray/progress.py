@@ -1,8 +1,12 @@
 """Bookkeeping and live progress of a run.
 
-- ProgressCallback runs in the Ray Train controller (an actor on the driver's node): it appends rank
-  0's metrics of every report to RUN_DIR/metrics.jsonl (what `moco_ray.report` reads) and prints one
-  line per start, restart and resize.
+- RunLog is the one writer of RUN_DIR/metrics.jsonl (what `moco_ray.report` reads): a Ray actor on
+  the driver's node that takes records from two sources and prints one line per start, restart and
+  resize. Rank 0 sends its start record and a step record every `report_every` steps through a
+  Publisher, which never waits (at most MAX_IN_FLIGHT records in flight, the rest dropped and
+  counted), so a slow or dead RunLog never stalls the step. ProgressCallback, in the Ray Train
+  controller, forwards the reports that carry a checkpoint (epoch ends, periodic saves, the end),
+  with the checkpoint's path.
 - watch(run_dir, fit_fn) runs on the driver: it calls fit_fn() (trainer.fit) in the calling thread
   and, meanwhile, tails RUN_DIR/metrics.jsonl from a daemon thread and shows the progress: a tqdm bar
   when stdout is a terminal, one line per report when it is not (`ray job logs`, CI).
@@ -16,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import ray
 import ray.train
 
 METRICS_FILE = "metrics.jsonl"
@@ -87,11 +92,11 @@ def start_line(m, previous_world, max_step):
             f"({m.get('resumed_from') or 'no checkpoint'}), {max(max_step - step, 0)} steps redone")
 
 
-class ProgressCallback(ray.train.UserCallback):
-    """Runs in the Ray Train controller: sees rank 0's metrics of every report.
+class RunLog:
+    """Appends records to RUN_DIR/metrics.jsonl and prints the start/restart/resize lines.
 
-    print_reports: also print one line per report from the controller (for runs without watch();
-    with watch() the driver prints them, so the default is not to)."""
+    print_reports: also print one line per step record (for runs without watch(); with watch() the
+    driver prints them, so the default is not to)."""
 
     def __init__(self, run_dir, print_reports=False):
         self.run_dir = Path(run_dir)
@@ -100,10 +105,10 @@ class ProgressCallback(ray.train.UserCallback):
         self.max_step = 0
         self.segment_start = None
 
-    def after_report(self, run_context, metrics, checkpoint):
-        m = dict(metrics[0]) if metrics else {}
-        m["time"] = time.time()
-        m["checkpoint"] = checkpoint.path if checkpoint is not None else None
+    def record(self, m):
+        m = dict(m)
+        m.setdefault("time", time.time())
+        m.setdefault("checkpoint", None)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(m, default=str) + "\n")
@@ -111,11 +116,66 @@ class ProgressCallback(ray.train.UserCallback):
             print(start_line(m, self.world_size, self.max_step), flush=True)
             self.world_size = m.get("world_size")
             self.segment_start = (m["time"], m.get("step", 0))
-            return
-        if is_step_report(m):
+        elif is_step_report(m):
             self.max_step = max(self.max_step, m["step"])
             if self.print_reports:
                 print(format_line(m, _eta(self.segment_start, m)), flush=True)
+
+
+def start_run_log(run_dir, print_reports=False):
+    """A RunLog actor pinned to this (the driver's) node, where RUN_DIR is written and tailed."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+    return actor.remote(str(run_dir), print_reports)
+
+
+class Publisher:
+    """Rank 0's side of the RunLog: send() submits a record and returns at once."""
+
+    MAX_IN_FLIGHT = 64
+
+    def __init__(self, run_log):
+        self.run_log = run_log
+        self.in_flight = []
+        self.dropped = 0
+
+    def send(self, record):
+        if self.in_flight:
+            _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
+        if len(self.in_flight) >= self.MAX_IN_FLIGHT:
+            self.dropped += 1
+            return
+        try:
+            self.in_flight.append(self.run_log.record.remote(record))
+        except Exception:  # a dead actor: metrics are lost, training goes on
+            self.dropped += 1
+
+    def drain(self, timeout_s=10.0):
+        """Wait (bounded) until the records sent so far are written: before the end report."""
+        if self.in_flight:
+            ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=timeout_s)
+        self.in_flight = []
+
+
+class ProgressCallback(ray.train.UserCallback):
+    """Runs in the Ray Train controller: forwards rank 0's reports that carry a checkpoint to the
+    RunLog, with the checkpoint's path (the start and step records come from rank 0 directly)."""
+
+    def __init__(self, run_log, timeout_s=30.0):
+        self.run_log = run_log
+        self.timeout_s = timeout_s
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None or not metrics:
+            return
+        m = dict(metrics[0], time=time.time(), checkpoint=checkpoint.path)
+        try:  # waited for, so that the end record is written when fit() returns
+            ray.get(self.run_log.record.remote(m), timeout=self.timeout_s)
+        except Exception as e:
+            print(f"{PREFIX} run log: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def _eta(segment_start, m):
@@ -172,7 +232,7 @@ def _columns(file):
 
 class LiveView:
     """Shows records: a tqdm bar (tty) or one line per step report (not a tty). Start, restart and
-    resize lines come from the ProgressCallback; here a (re)start begins a new bar."""
+    resize lines come from the RunLog; here a (re)start begins a new bar."""
 
     def __init__(self, file=None, tty=None):
         self.file = file or sys.stdout

@@ -1,5 +1,5 @@
 """The run report (python -m moco_ray.report) and the driver's live progress, both of which read the
-metrics.jsonl that ProgressCallback writes."""
+metrics.jsonl that the RunLog writes."""
 import io
 import json
 import math
@@ -157,8 +157,7 @@ def test_report_of_a_short_demo_run(ray_session, tmp_path):
                                              "metrics_port=0"]))
     name = "report-test"
     run = tmp_path / name
-    trainer = train.make_trainer(cfg, 2, False, tmp_path, name,
-                                 callbacks=[progress.ProgressCallback(run)])
+    trainer = train.make_trainer(cfg, 2, False, tmp_path, name)
     out = io.StringIO()
     result = progress.watch(run, trainer.fit, file=out, poll_s=0.2)
     assert result.metrics["step"] == 6

@@ -140,7 +140,6 @@ def trial_driver(config, spec):
     import ray.tune
 
     from moco_ray import train
-    from moco_ray.progress import ProgressCallback
     from tune.callbacks import FreshMetricCallback
 
     cfg = trial_cfg(spec["cfg"], config)
@@ -151,7 +150,7 @@ def trial_driver(config, spec):
     # from its latest checkpoint.
     trainer = train.make_trainer(
         cfg, workers, spec["use_gpu"], trial_dir, "train", max_failures=spec["max_failures"],
-        callbacks=[FreshMetricCallback(spec["metric"], cfg.knn_every), ProgressCallback(trial_dir / "train")])
+        callbacks=[FreshMetricCallback(spec["metric"], cfg.knn_every)])
     trainer.fit()
 
 

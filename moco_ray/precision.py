@@ -1,0 +1,45 @@
+"""Mixed precision, memory format and the CUDA backend switches: the one place that sets them.
+
+precision "fp32" | "bf16" | "fp16": the encoders run under torch.autocast in the chosen dtype; the
+caller normalises their outputs in fp32, and the InfoNCE (logits, log-sum-exp) and the queue stay in
+fp32. fp16 needs loss scaling (torch.amp.GradScaler); bf16 has fp32's exponent range and does not.
+"""
+import contextlib
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve(precision, channels_last, cuda):
+    """The config's "auto" values for a device: bf16 and channels_last on CUDA, fp32 on the CPU."""
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if channels_last == "auto":
+        channels_last = "true" if cuda else "false"
+    return precision, channels_last
+
+
+def configure_backends(device):
+    """cuDNN autotuning (fixed input shapes: it picks the fastest conv algorithms once) and TF32
+    matmuls and convolutions for the fp32 parts of the step."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(precision, device_type):
+    """The context the encoders run in: autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
+
+
+def grad_scaler(precision, device_type):
+    """A GradScaler that is active for fp16 only (a disabled one passes losses and steps through)."""
+    return torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+
+
+def memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format

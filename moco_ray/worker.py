@@ -1,0 +1,316 @@
+"""The per-worker loop: what Ray Train runs on every worker, and runs again from the newest valid
+checkpoint after a restart or a resize.
+
+    train_func            set up (or restore), then epochs of MoCo steps, kNN, checkpoints
+    Worker.restore        the newest valid checkpoint: model, optimizer, loss scaler, queue, progress
+    Worker.train_epoch    the steps of one epoch from the recorded sample position
+    Worker.step           one optimizer step: the paper's Algorithm 1 (moco_ray.step.MoCo) + SGD
+    Worker.save           a sharded checkpoint through ray.train.report
+    Worker.monitor        the kNN monitor on the backbone of the query encoder
+
+Per-step metrics never go through ray.train.report (each call is a barrier that waits for the Train
+controller's poll, ~1.6 s here): every worker updates its own Prometheus endpoint, and rank 0 sends a
+record every `report_every` steps to the run's RunLog actor without waiting for it
+(moco_ray.progress.Publisher). ray.train.report is called for the start, checkpoints and the end.
+"""
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moco_ray import checkpoint, config as C, precision
+from moco_ray.sample_log import SampleLog
+
+log = logging.getLogger("moco_ray")
+
+
+def train_func(config):
+    """Runs on every Ray Train worker."""
+    worker = Worker(C.apply_overrides(C.Config(), config["cfg"]), config.get("run_log"))
+    worker.start()
+    while not worker.finished():
+        if not worker.train_epoch():
+            break  # stopped by max_steps in the middle of the epoch
+        worker.end_epoch()
+    worker.end()
+
+
+def learning_rate(cfg, batch_effective, progress):
+    """lr at `progress` epochs (fractional): base lr scaled to the effective batch, cosine or step."""
+    lr = cfg.lr * batch_effective / 256
+    if cfg.schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress / cfg.epochs, 1.0)))
+    return lr * 0.1 ** sum(progress >= milestone for milestone in cfg.lr_steps)
+
+
+@contextlib.contextmanager
+def backbone_of(encoder):
+    """The encoder without its head: the representation the kNN monitor and the export use."""
+    head = encoder.fc
+    encoder.fc = torch.nn.Identity()
+    try:
+        yield encoder
+    finally:
+        encoder.fc = head
+
+
+def queue_age(queue, step):
+    """Age in steps of the oldest key written by training (initial random keys excluded)."""
+    written = queue.steps[queue.steps >= 0]
+    return step - int(written.min()) if len(written) else 0
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _quiet_ray_train():
+    """Our logger only, and without Ray Train's INFO line per report ("Reporting training result
+    ... TrainingReport(...)", a long dict from every worker): warnings still show."""
+    handler = logging.StreamHandler()
+    rank = _ray_train().get_context().get_world_rank()
+    handler.setFormatter(logging.Formatter(f"[moco_ray rank {rank}] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # moved in another Ray version: the lines come back, nothing breaks
+        pass
+
+
+def _ray_train():
+    import ray.train
+
+    return ray.train
+
+
+class Worker:
+    """One Ray Train worker's state: config, model, optimizer, loss scaler, progress, metrics."""
+
+    def __init__(self, cfg, run_log=None):
+        import ray.train.torch
+
+        from moco_ray import data, metrics
+        from moco_ray.progress import Publisher
+        from moco_ray.step import MoCo
+
+        _quiet_ray_train()
+        ctx = _ray_train().get_context()
+        self.rank, self.W, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        self.device = ray.train.torch.get_device()
+        self.cfg = cfg = C.for_device(cfg, self.device.type == "cuda")
+        precision.configure_backends(self.device)
+        self.b = cfg.batch_size // self.W
+        self.B = self.b * self.W
+
+        torch.manual_seed(cfg.seed)
+        self.model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp,
+                          small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed,
+                          head_bn=cfg.head_bn, precision=cfg.precision,
+                          channels_last=cfg.channels_last == "true")
+        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
+        self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=0, skipped_steps=0,
+                             knn_init_top1=None, knn_top1=None)
+        self.resumed_from = self.restore()
+        self.progress["starts"] += 1
+        self._to_device_and_ddp()
+        torch.manual_seed(cfg.seed * 1_000_003 + self.progress["step"] * 1009 + self.rank)
+
+        self.info = data.dataset_info(cfg.data)
+        self.n = self.info["n"]
+        self.steps_per_epoch = self.n // self.B
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.meter = metrics.WorkerMetrics(cfg.metrics_port + local_rank, run=ctx.get_experiment_name(),
+                                           rank=self.rank) if cfg.metrics_port else None
+        self.publisher = Publisher(run_log) if run_log is not None and self.rank == 0 else None
+        self.sample_log = SampleLog(cfg.sample_log, self.rank) if cfg.sample_log else None
+        self.images_seen, self.t_run, self.last, self.knn_step = 0, time.perf_counter(), {}, None
+
+    def restore(self):
+        """Load the newest valid checkpoint Ray hands this group, if any; returns its path."""
+        latest = _ray_train().get_checkpoint()
+        if latest is None:
+            return None
+        path = checkpoint.find_valid(latest.path)
+        if path is None:
+            print(f"[moco_ray] no valid checkpoint under {Path(latest.path).parent}: starting fresh")
+            return None
+        state, shard, _ = checkpoint.load(path, self.rank, self.W, self.cfg.K)
+        self.model.encoder_q.load_state_dict(state["encoder_q"])
+        self.model.encoder_k.load_state_dict(state["encoder_k"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.model.queue.load_state_dict(shard)
+        self.progress.update(state["progress"])
+        return str(path)
+
+    def _to_device_and_ddp(self):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model.to(self.device, memory_format=precision.memory_format(self.model.channels_last))
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model.encoder_q = DistributedDataParallel(self.model.encoder_q, device_ids=ids)
+        self.encoder_q = self.model.encoder_q.module
+
+    # ------------------------------------------------------------------------------------------------
+
+    def start(self):
+        p = self.progress
+        if p["knn_init_top1"] is None and p["step"] == 0:
+            p["knn_init_top1"] = self.monitor()
+        start = {"event": "start", "world_size": self.W, "step": p["step"], "epoch": p["epoch"],
+                 "resumed_from": self.resumed_from, "batch_effective": self.B,
+                 "total_steps": self.total_steps, "knn_init_top1": p["knn_init_top1"],
+                 "config": self.cfg.to_dict()}
+        if self.publisher:  # first, so the driver sees it before this segment's step records
+            self.publisher.send(start)
+        _ray_train().report(start)
+
+    def finished(self):
+        return self.progress["epoch"] >= self.cfg.epochs or self.progress["step"] >= self.total_steps
+
+    def train_epoch(self):
+        """The rest of the current epoch; False when max_steps stopped it before the epoch's end."""
+        from moco_ray import data
+
+        cfg, p = self.cfg, self.progress
+        epoch = p["epoch"]
+        loader = data.make_train_loader(
+            cfg.data, seed=cfg.seed, epoch=epoch, start=p["samples_in_epoch"], batch_per_worker=self.b,
+            rank=self.rank, world_size=self.W, res=cfg.res, aug=cfg.aug, device=self.device,
+            num_workers=cfg.loader_workers, crop_min=cfg.crop_min)
+        t_end = time.perf_counter()
+        for im_q, im_k, _, sample_id in loader:
+            t_data = time.perf_counter()
+            loss, stats, lr = self.step(im_q, im_k, epoch + p["samples_in_epoch"] / self.n)
+            if self.sample_log:
+                self.sample_log.write(epoch, p["step"], sample_id)
+            p["step"] += 1
+            p["samples_in_epoch"] += self.B
+            self.images_seen += self.b
+            t_step = time.perf_counter()
+            self.record(loss, stats, lr, epoch, t_step - t_end, t_data - t_end)
+            t_end = t_step
+            done = p["step"] >= self.total_steps
+            epoch_ends = p["samples_in_epoch"] + self.B > self.n
+            if p["step"] % cfg.checkpoint_every_steps == 0 and not (done or epoch_ends):
+                self.save(self.last)
+            if done:
+                break
+        return p["samples_in_epoch"] + self.B > self.n
+
+    def step(self, im_q, im_k, epochs_done):
+        """One step of Algorithm 1 (forward both encoders, InfoNCE, enqueue: MoCo.forward), then the
+        SGD update of the query encoder; the loss is scaled for fp16. Returns (loss, stats, lr)."""
+        lr = learning_rate(self.cfg, self.B, epochs_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, stats = self.model(im_q, im_k, self.progress["step"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients hold inf/nan
+        self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.progress["skipped_steps"] += 1
+        return loss, stats, lr
+
+    def record(self, loss, stats, lr, epoch, step_time, data_wait):
+        """This step's metrics: to this worker's Prometheus endpoint every step, and from rank 0 to
+        the driver every report_every steps."""
+        p = self.progress
+        self.last = {
+            "event": "step", "step": p["step"], "epoch": epoch, "samples_in_epoch": p["samples_in_epoch"],
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "loss": loss.item(), "lr": lr, "accuracy": float(stats["acc"]), "images": self.images_seen,
+            "step_time_s": step_time, "data_wait_s": data_wait,
+            "data_wait_share": data_wait / max(step_time, 1e-9),
+            "images_per_s": self.images_seen * self.W / (time.perf_counter() - self.t_run),
+            "batch_effective": self.B, "world_size": self.W, "restarts": p["starts"] - 1,
+            "skipped_steps": p["skipped_steps"], "queue_keys": len(self.model.queue),
+            "queue_age_steps": queue_age(self.model.queue, p["step"]), "knn_top1": p["knn_top1"],
+            "knn_init_top1": p["knn_init_top1"], "rss_bytes": rss_bytes(),
+        }
+        if self.device.type == "cuda":
+            self.last["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
+        if self.meter:
+            self.meter.update(self.last)
+        if self.publisher and self.cfg.report_every and p["step"] % self.cfg.report_every == 0:
+            self.publisher.send(self.last)
+
+    def end_epoch(self):
+        """Epoch bookkeeping, the kNN monitor every knn_every epochs, and an epoch-end checkpoint."""
+        p, cfg = self.progress, self.cfg
+        p["epoch"] += 1
+        p["samples_in_epoch"] = 0
+        last_epoch = p["epoch"] >= cfg.epochs
+        self.last["epoch"] = p["epoch"]
+        if cfg.knn_every and (p["epoch"] % cfg.knn_every == 0 or last_epoch):
+            p["knn_top1"], self.knn_step = self.monitor(), p["step"]
+            self.last["knn_top1"] = p["knn_top1"]
+            if self.meter:
+                self.meter.update(self.last)
+        if not self.finished():
+            self.save(dict(self.last, event="epoch"))
+
+    def end(self):
+        p = self.progress
+        if self.knn_step != p["step"]:
+            p["knn_top1"] = self.monitor()
+        final = dict(self.last, event="end", epoch=p["epoch"], step=p["step"], knn_top1=p["knn_top1"],
+                     knn_init_top1=p["knn_init_top1"], train_s=time.perf_counter() - self.t_run)
+        if self.publisher:
+            self.publisher.drain()  # the step records go before the end record
+        self.save(final)
+        if self.sample_log:
+            self.sample_log.close()
+        if self.meter:
+            self.meter.close()
+
+    def save(self, metrics):
+        """A sharded checkpoint (collective: every rank writes its part) reported to Ray with
+        `metrics`; the run log gets the record, with the checkpoint's path, from the controller."""
+        p = self.progress
+        meta = {k: p[k] for k in ("step", "epoch", "samples_in_epoch")}
+        state = {
+            "encoder_q": self.encoder_q.state_dict(), "encoder_k": self.model.encoder_k.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "progress": dict(p), "config": self.cfg.to_dict(), "seed": self.cfg.seed,
+            "world_size": self.W,
+        }
+        ray_train = _ray_train()
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = checkpoint.save(tmp, self.rank, self.W, state, self.model.queue.state_dict(), meta)
+            ray_train.report(dict(metrics, checkpoint_save_s=seconds),
+                             checkpoint=ray_train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint.dir_name(p["step"], p["starts"]))
+
+    def monitor(self):
+        """kNN top-1 (%) of the query encoder's backbone; None without knn_data."""
+        from moco_ray import data, knn
+
+        cfg = self.cfg
+        if not cfg.knn_data:
+            return None
+        batch = max(self.b, 64)
+        bank = data.make_eval_loader(cfg.data, batch_size=batch, rank=self.rank, world_size=self.W,
+                                     res=cfg.res, device=self.device)
+        query = data.make_eval_loader(cfg.knn_data, batch_size=batch, rank=self.rank, world_size=self.W,
+                                      res=cfg.res, device=self.device)
+        with backbone_of(self.encoder_q) as backbone:  # in fp32: the monitor runs every knn_every epochs
+            return knn.knn_top1(backbone, bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t,
+                                self.device)
