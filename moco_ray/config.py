@@ -63,6 +63,39 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class LinclsConfig:
+    """Linear classification on frozen features (the paper's protocol, the authors' main_lincls.py).
+    The defaults are the paper's ImageNet protocol."""
+    pretrained: str = ""          # pretraining checkpoint dir, run dir (its newest valid checkpoint), or a torchvision/moco export
+    data: str = ""                # labelled training split; "" = the embedded digits
+    val_data: str = ""            # labelled validation split; "" = the digits' val split
+    res: int = 224                # crop size (validation: resize to res / 0.875, center crop)
+    crop_min: float = 0.08        # smallest RandomResizedCrop area (torchvision's default)
+    loader_workers: int = 4       # decode threads per worker
+    batch_size: int = 256         # global B, kept across resizes
+    lr: float = 30.0              # per 256 images
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 100
+    schedule: str = "step"        # cosine | step
+    lr_steps: tuple = (60, 80)    # epochs at which the step schedule divides lr by 10
+    seed: int = 0
+    max_steps: int = 0            # stop after this many optimizer steps; 0 = run all epochs
+    precision: str = "auto"       # fp32 | bf16 | fp16 (autocast of the frozen backbone); auto = bf16 on CUDA
+    channels_last: str = "auto"   # true | false; auto = true on CUDA
+    eval_every: int = 1           # epochs between top-1/top-5 on val_data (and always after the last)
+    random_baseline: bool = False # then the same protocol on a randomly initialised encoder (run NAME-random)
+    report_every: int = 10        # steps between the metric records rank 0 sends to the driver; 0 = none
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
+    sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
 PRESETS = {
     # kNN monitor: a bank of 100 images per class (100,000 on ImageNet, under 8% of an epoch) every
     # 10 epochs
@@ -83,15 +116,28 @@ PRESETS = {
     ),
 }
 
+LINCLS_PRESETS = {
+    "imagenet": {},   # the defaults: 100 epochs, lr 30 per 256, /10 at 60 and 80
+    # The 16px crops of the demo pretraining, 30 epochs with the paper's steps at 60% and 80%.
+    "demo": dict(res=16, batch_size=64, epochs=30, lr_steps=(18, 24), eval_every=5, random_baseline=True,
+                 report_every=5, checkpoint_every_steps=100, keep_checkpoints=2, loader_workers=1,
+                 metrics_port=0),
+}
+
 CHOICES = {"aug": ("v1", "v2"), "bn": ("shuffle", "sync", "split"), "schedule": ("cosine", "step"),
            "arch": ("resnet18", "resnet50"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "channels_last": ("auto", "true", "false")}
 
 
-def preset(name):
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or a .yaml file")
-    return Config(**PRESETS[name])
+LINCLS_CHOICES = {key: CHOICES[key] for key in ("schedule", "precision", "channels_last")}
+PRESETS_OF = {Config: PRESETS, LinclsConfig: LINCLS_PRESETS}
+
+
+def preset(name, kind=Config):
+    presets = PRESETS_OF[kind]
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)} or a .yaml file")
+    return kind(**presets[name])
 
 
 def _coerce(f, value):
@@ -129,7 +175,7 @@ def apply_overrides(cfg, overrides):
                 raise ConfigError(f"--set expects key=value, got {item!r}")
             pairs[key.strip()] = value.strip()
         overrides = pairs
-    by_name = {f.name: f for f in fields(Config)}
+    by_name = {f.name: f for f in fields(type(cfg))}
     changes = {}
     for key, value in overrides.items():
         if key not in by_name:
@@ -138,20 +184,22 @@ def apply_overrides(cfg, overrides):
     return dataclasses.replace(cfg, **changes)
 
 
-def load(spec="demo", overrides=()):
-    """A preset name or a YAML file (optionally naming a `preset:` to start from), then --set."""
-    if spec in PRESETS:
-        return apply_overrides(preset(spec), overrides)
+def load(spec="demo", overrides=(), kind=Config):
+    """A preset name or a YAML file (optionally naming a `preset:` to start from), then --set.
+    kind: Config (pretraining) or LinclsConfig (linear evaluation)."""
+    presets = PRESETS_OF[kind]
+    if spec in presets:
+        return apply_overrides(preset(spec, kind), overrides)
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(presets)}) nor a file")
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{spec}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{spec}: expected a mapping of config keys")
-    base = preset(doc.pop("preset")) if "preset" in doc else Config()
+    base = preset(doc.pop("preset"), kind) if "preset" in doc else kind()
     return apply_overrides(apply_overrides(base, doc), overrides)
 
 
@@ -160,42 +208,70 @@ def dump(cfg, path):
                                           for k, v in cfg.to_dict().items()}, sort_keys=False))
 
 
-def validate(cfg, max_workers=1):
-    """Impossible values, each as one line, before anything expensive starts."""
-    for key, allowed in CHOICES.items():
+def _check_values(cfg, choices, at_least_one, positive, non_negative):
+    """The checks both configs share: choices, bounds, crop_min."""
+    for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
-    if not cfg.T > 0:
-        raise ConfigError(f"T={cfg.T}: the temperature must be > 0")
-    if not 0 <= cfg.m < 1:
-        raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
-    for key in ("dim", "K", "batch_size", "epochs", "res", "checkpoint_every_steps",
-                "keep_checkpoints", "bn_splits", "knn_k", "knn_chunk", "loader_workers"):
+    for key in at_least_one:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.head_bn and not cfg.mlp:
-        raise ConfigError("head_bn=true needs the MLP head (mlp=true)")
     if not 0 < cfg.crop_min <= 1:
         raise ConfigError(f"crop_min={cfg.crop_min} must be in (0, 1]")
-    for key in ("lr", "knn_t"):
+    for key in positive:
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
-    for key in ("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port", "report_every",
-                "knn_bank_per_class"):
+    for key in non_negative:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+
+
+def _check_placement(cfg, max_workers, datasets):
     if max_workers < 1:
         raise ConfigError(f"the number of workers must be >= 1, got {max_workers}")
     if cfg.batch_size < max_workers:
         raise ConfigError(f"batch_size={cfg.batch_size} is smaller than the {max_workers} workers")
+    for key in datasets:
+        value = getattr(cfg, key)
+        if value and not os.path.exists(value):
+            raise ConfigError(f"{key}={value!r}: no such dataset directory")
+
+
+def validate(cfg, max_workers=1):
+    """Impossible values, each as one line, before anything expensive starts."""
+    if isinstance(cfg, LinclsConfig):
+        return validate_lincls(cfg, max_workers)
+    _check_values(cfg, CHOICES,
+                  at_least_one=("dim", "K", "batch_size", "epochs", "res", "checkpoint_every_steps",
+                                "keep_checkpoints", "bn_splits", "knn_k", "knn_chunk", "loader_workers"),
+                  positive=("lr", "knn_t"),
+                  non_negative=("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port",
+                                "report_every", "knn_bank_per_class"))
+    if not cfg.T > 0:
+        raise ConfigError(f"T={cfg.T}: the temperature must be > 0")
+    if not 0 <= cfg.m < 1:
+        raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
+    if cfg.head_bn and not cfg.mlp:
+        raise ConfigError("head_bn=true needs the MLP head (mlp=true)")
+    _check_placement(cfg, max_workers, ("data", "knn_data"))
     if cfg.K < cfg.batch_size:
         raise ConfigError(f"K={cfg.K} is smaller than the global batch {cfg.batch_size}")
     if cfg.K < max_workers:
         raise ConfigError(f"K={cfg.K} cannot be sharded over {max_workers} workers")
-    for key in ("data", "knn_data"):
-        value = getattr(cfg, key)
-        if value and not os.path.exists(value):
-            raise ConfigError(f"{key}={value!r}: no such dataset directory")
+    return cfg
+
+
+def validate_lincls(cfg, max_workers=1):
+    """validate() for the linear-evaluation config."""
+    _check_values(cfg, LINCLS_CHOICES,
+                  at_least_one=("batch_size", "epochs", "res", "checkpoint_every_steps", "keep_checkpoints",
+                                "loader_workers"),
+                  positive=("lr",),
+                  non_negative=("weight_decay", "momentum", "max_steps", "eval_every", "metrics_port",
+                                "report_every"))
+    if not cfg.pretrained:
+        raise ConfigError("--pretrained is required: a pretraining checkpoint or run directory, or an export")
+    _check_placement(cfg, max_workers, ("data", "val_data"))
     return cfg
 
 
@@ -211,5 +287,5 @@ def for_device(cfg, cuda):
 
 def describe(cfg):
     """The config as an aligned block for the start-up log."""
-    width = max(len(f.name) for f in fields(Config))
-    return "\n".join(f"  {f.name:<{width}} = {getattr(cfg, f.name)}" for f in fields(Config))
+    width = max(len(f.name) for f in fields(cfg))
+    return "\n".join(f"  {f.name:<{width}} = {getattr(cfg, f.name)}" for f in fields(cfg))
