@@ -60,6 +60,18 @@ def eval_rows(n, rank, world_size):
     return np.array_split(np.arange(n), world_size)[rank]
 
 
+def class_subset(labels, per_class, seed=0):
+    """The rows (ascending) of a seeded random choice of min(per_class, |class c|) samples of every
+    class c: a pure function of its arguments, so the same for every world size. O(n) memory,
+    O(n log n) time."""
+    labels = np.asarray(labels)
+    shuffled = np.random.default_rng([int(seed), len(labels)]).permutation(len(labels))
+    by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]   # classes in turn, shuffled inside
+    sorted_labels = labels[by_class]
+    place = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels)   # place in its class
+    return np.sort(by_class[place < per_class])
+
+
 # ---------------------------------------------------------------------------------------------
 # datasets
 
@@ -99,6 +111,14 @@ def dataset_info(path):
         folder = _image_folder(str(path.resolve()))
         n, classes = len(folder.samples), list(folder.classes)
     return {"n": n, "classes": classes, "num_classes": len(classes)}
+
+
+def dataset_labels(path):
+    """The label of every row, without decoding an image: (n,) int64."""
+    path = _check(path)
+    if _is_converted(path):
+        return _manifest(str(path), os.stat(path / M.MANIFEST).st_mtime_ns).labels
+    return np.asarray(_image_folder(str(path.resolve())).targets, dtype=np.int64)
 
 
 def _default_workers():
@@ -141,12 +161,17 @@ def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world
     return Batches(len(sizes), batches)
 
 
-def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", num_workers=None):
+def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", num_workers=None,
+                     per_class=0, seed=0):
     """Deterministic, un-augmented batches (images, label, sample_id) of this rank's slice, images
     resized and center-cropped to res, normalised on `device`; the ranks' slices together cover
-    every sample exactly once."""
+    every sample exactly once. per_class > 0: only the samples of class_subset(labels, per_class,
+    seed), the same subset for every world size."""
     path = _check(path)
-    rows = eval_rows(dataset_info(path)["n"], rank, world_size)
+    if per_class:
+        rows = np.array_split(class_subset(dataset_labels(path), per_class, seed), world_size)[rank]
+    else:
+        rows = eval_rows(dataset_info(path)["n"], rank, world_size)
     sizes = [min(batch_size, len(rows) - i) for i in range(0, len(rows), batch_size)]
     num_workers = _default_workers() if num_workers is None else int(num_workers)
     device = torch.device(device)

@@ -118,9 +118,12 @@ def restarts(df):
     return out
 
 
-def knn_points(df):
-    """(epoch, kNN top-1): the random-init encoder at 0, then each new measurement at the fractional
-    epoch (step / steps_per_epoch) of the report that first carried it."""
+def knn_points(df, knn_every=None):
+    """(epoch, kNN top-1): the random-init encoder at 0, then every evaluation at the fractional
+    epoch (step / steps_per_epoch) of the report that carries it. The loop evaluates at the end of
+    the run ("end" report) and at the epoch ends where epoch % knn_every == 0 ("epoch" report), so
+    two evaluations with the same value are two points; step reports repeat the last value. Without
+    knn_every (no config found), a changed value marks an evaluation."""
     points = {}
     starts = df[df["event"] == "start"]
     if "knn_init_top1" in df and len(starts) and _ok(starts.iloc[0].get("knn_init_top1")):
@@ -129,12 +132,18 @@ def knn_points(df):
         return sorted(points.items())
     last = None
     for _, m in df[(df["event"] != "start") & df["step"].notna()].iterrows():
-        v = m.get("knn_top1")
-        if _ok(v) and v != last:
+        v, event = m.get("knn_top1"), m.get("event")
+        if not _ok(v):
+            continue
+        if knn_every is None:
+            fresh = v != last or event == "end"
+        else:
+            fresh = event == "end" or (event == "epoch" and bool(knn_every) and m["epoch"] % knn_every == 0)
+        if fresh:
             spe = m.get("steps_per_epoch")
             epoch = m["step"] / spe if _ok(spe) and spe else float(m.get("epoch") or 0)
             points[round(epoch, 3)] = float(v)
-            last = v
+        last = v
     return sorted(points.items())
 
 
@@ -304,8 +313,8 @@ def write_report(run_dir, out=None):
     name = run_dir.name
     df = frame(records)
     df.to_parquet(out / "metrics.parquet", index=False)
-    c, events, knn = curves(df), restarts(df), knn_points(df)
     config = find_config(run_dir, records)
+    c, events, knn = curves(df), restarts(df), knn_points(df, (config or {}).get("knn_every"))
     plot_loss_lr(c, events, out / "loss_lr.png", name)
     plot_knn(knn, out / "knn_top1.png", name)
     plot_throughput(c, world_sizes(df), events, out / "throughput.png", name)

@@ -72,6 +72,40 @@ def test_report_of_a_run_with_restart_and_resize(tmp_path):
     assert "50.00 %" in summary and "random init: 10.00 %" in summary
 
 
+def demo_like_run(run_dir, knn):
+    """metrics.jsonl of a 30-epoch run with knn_every=10 (2 steps per epoch), restarted in epoch 15
+    from the epoch-14 checkpoint. knn: the values of the evaluations at epochs 10, 20, 30."""
+    spe, value, records = 2, None, []
+    config = {"epochs": 30, "knn_every": 10}
+    records.append({"event": "start", "step": 0, "world_size": 2, "knn_init_top1": 9.0, "config": config})
+    epochs = list(range(1, 16)) + list(range(15, 31))       # epoch 15 is redone after the restart
+    for i, epoch in enumerate(epochs):
+        if i == 15:
+            records.append({"event": "start", "step": 28, "world_size": 2, "resumed_from": "ck28"})
+        for s in (2 * epoch - 1, 2 * epoch):
+            records.append({"event": "step", "step": s, "epoch": epoch - 1, "steps_per_epoch": spe,
+                            "total_steps": 60, "knn_top1": value, "world_size": 2, "loss": 8 - s / 60,
+                            "lr": 0.03, "images_per_s": 100.0, "batch_effective": 64,
+                            "data_wait_share": 0.1, "time": 1000.0 + s, "checkpoint": None})
+        if epoch % 10 == 0:
+            value = knn[epoch // 10 - 1]
+        event = "end" if epoch == 30 else "epoch"
+        records.append(dict(records[-1], event=event, epoch=epoch, knn_top1=value))
+    run_dir.mkdir(parents=True)
+    (run_dir / progress.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_knn_plot_has_every_evaluation_even_equal_ones(tmp_path):
+    run = tmp_path / "demo"
+    demo_like_run(run, knn=[40.0, 55.0, 55.0])
+    df = report.frame(progress.read_metrics(run))
+    assert report.knn_points(df, knn_every=10) == [(0.0, 9.0), (10.0, 40.0), (20.0, 55.0), (30.0, 55.0)]
+    assert report.main([str(run)]) == 0     # knn_every from the start report's config
+    assert "55.00 %" in (run / "report" / "summary.md").read_text()
+    points = report.knn_points(df, report.find_config(run, progress.read_metrics(run))["knn_every"])
+    assert [e for e, _ in points] == [0.0, 10.0, 20.0, 30.0]
+
+
 @pytest.mark.parametrize("case", ["missing", "empty-dir", "storage-path", "no-step-reports"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     target = tmp_path / "runs"
