@@ -308,9 +308,10 @@ class Worker:
             return None
         batch = max(self.b, 64)
         bank = data.make_eval_loader(cfg.data, batch_size=batch, rank=self.rank, world_size=self.W,
-                                     res=cfg.res, device=self.device)
+                                     res=cfg.res, device=self.device, per_class=cfg.knn_bank_per_class,
+                                     seed=cfg.seed)
         query = data.make_eval_loader(cfg.knn_data, batch_size=batch, rank=self.rank, world_size=self.W,
                                       res=cfg.res, device=self.device)
         with backbone_of(self.encoder_q) as backbone:  # in fp32: the monitor runs every knn_every epochs
             return knn.knn_top1(backbone, bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t,
-                                self.device)
+                                self.device, chunk=cfg.knn_chunk)
