@@ -369,6 +369,27 @@ def test_training_jobs_read_the_same_data_with_valid_config_keys(objects):
     assert overrides[PRETRAIN_JOB] == overrides[SWEEP_JOB]
 
 
+# ImageNet as the pretraining job reads it, and ResNet-50's feature width (the kNN features).
+IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_CLASSES, RESNET50_FEATURES = 1_281_167, 50_000, 1000, 2048
+
+
+def test_pretrain_knn_monitor_costs_a_fraction_of_an_epoch_and_little_memory(objects):
+    from moco_ray import config as C
+    from moco_ray import knn
+
+    f = flags(rayjob(objects, PRETRAIN_JOB)["spec"]["entrypoint"])
+    cfg = C.load(f["--config"], f.get("--set", []))
+    assert cfg.knn_data.endswith("/val") and cfg.knn_every >= 1, "the kNN monitor runs on the val split"
+    assert cfg.epochs % cfg.knn_every == 0, "the kNN curve has evenly spaced points"
+    bank = min(cfg.knn_bank_per_class * IMAGENET_CLASSES, IMAGENET_TRAIN) if cfg.knn_bank_per_class \
+        else IMAGENET_TRAIN
+    assert bank <= 0.1 * IMAGENET_TRAIN, f"a {bank}-image bank costs more than a tenth of an epoch"
+    workers = int(str(f["--num-workers"]).split(":")[0])     # the fewest the job runs on
+    peak = knn.peak_bytes(bank, IMAGENET_VAL, workers, RESNET50_FEATURES, IMAGENET_CLASSES, cfg.knn_k,
+                          cfg.knn_chunk)
+    assert peak < 1 << 30, f"the kNN monitor needs {peak / 2**30:.1f} GiB per GPU"
+
+
 # ------------------------------------------------------------------------------------------------
 # Cross-file consistency
 # ------------------------------------------------------------------------------------------------
