@@ -109,23 +109,44 @@ def _order(path):
     return (int(m.group(1)), int(m.group(2) or 0)) if m else (-1, -1)
 
 
+def in_run(run_dir):
+    """Every checkpoint directory of a run, newest (step, group start) first."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and _order(p) >= (0, 0)]
+    return sorted(found, key=_order, reverse=True)
+
+
 def candidates(latest_path):
     """The reported checkpoint and its older siblings in the run directory, newest first."""
     latest = Path(latest_path)
-    siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and _order(p) >= (0, 0)]
-    siblings = sorted(siblings, key=_order, reverse=True)
-    return [latest] + [p for p in siblings if p != latest and _order(p) < _order(latest)]
+    return [latest] + [p for p in in_run(latest.parent) if p != latest and _order(p) < _order(latest)]
 
 
-def find_valid(latest_path):
-    """The newest valid checkpoint at or before latest_path, or None. Warns about each skipped one."""
-    for path in candidates(latest_path):
+def first_valid(paths):
+    """The first valid checkpoint of `paths`, or None. Warns about each skipped one."""
+    for path in paths:
         try:
             verify(path)
             return path
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:  # OSError: deleted while it was read
             log.warning("skipping checkpoint: %s", e)
     return None
+
+
+def find_valid(latest_path):
+    """The newest valid checkpoint at or before latest_path, or None."""
+    return first_valid(candidates(latest_path))
+
+
+def newest_valid(run_dir):
+    """The newest valid checkpoint in the run directory, or None: also one that Ray never heard of
+    (its driver was killed between the upload and the report) or whose list Ray lost."""
+    return first_valid(in_run(run_dir))
+
+
+def next_group(run_dir):
+    """A worker-group number above every one in the run's checkpoint names: the checkpoints of the
+    group that starts now never share a directory with an older one, whatever it resumes from."""
+    return 1 + max((_order(p)[1] for p in in_run(run_dir)), default=0)
 
 
 def load(path, rank, world_size, K):

@@ -27,3 +27,41 @@ class SampleLog:
 
     def close(self):
         self.f.close()
+
+
+def consumed_per_epoch(directory):
+    """The ids each epoch really trained on: for every step, the records of the last segment that ran
+    it (steps after the last checkpoint of a failed segment were run again by the next one)."""
+    latest = {}
+    for f in Path(directory).glob("samples-*.jsonl"):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # the torn last line of a killed worker
+                continue
+            key = (r["epoch"], r["step"])
+            if key not in latest or r["segment"] > latest[key][0]:
+                latest[key] = (r["segment"], [])
+            if r["segment"] == latest[key][0]:
+                latest[key][1].append(r["ids"])
+    epochs = {}
+    for (epoch, _), (_, parts) in latest.items():
+        epochs.setdefault(epoch, []).extend(i for ids in parts for i in ids)
+    return epochs
+
+
+def exactly_once_problems(directory, n, batch, epochs, seed=0):
+    """What breaks "every sample of every epoch consumed exactly once" (empty when nothing does): per
+    epoch, an id consumed twice, or one missing that is not in the final partial global batch."""
+    from moco_ray.data import epoch_order
+
+    consumed = consumed_per_epoch(directory)
+    problems = [f"epochs {sorted(consumed)} instead of 0..{epochs - 1}"] if sorted(consumed) != list(range(epochs)) else []
+    for epoch, ids in sorted(consumed.items()):
+        if len(ids) != len(set(ids)):
+            problems.append(f"epoch {epoch}: {len(ids) - len(set(ids))} samples consumed twice")
+        missing = set(range(n)) - set(ids)
+        dropped = set(epoch_order(seed, epoch, n)[n - n % batch:].tolist()) if n % batch else set()
+        if missing != dropped:
+            problems.append(f"epoch {epoch}: {len(missing - dropped)} samples never consumed")
+    return problems

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from moco_ray import config as C
+from moco_ray import config as C, rundir
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,8 +53,7 @@ def build_parser():
     p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
                    help="where runs, checkpoints and metrics are stored (shared storage on a cluster)")
     p.add_argument("--name", default=None, help="run name (default: CONFIG-TIMESTAMP)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run --name (default: the newest run) from its latest checkpoint")
+    rundir.add_arguments(p)
     return p
 
 
@@ -76,23 +75,14 @@ def resolve_data(cfg):
     return cfg
 
 
-def run_dir_name(args, storage_path):
-    if args.name:
-        name = args.name
-        exists = (storage_path / name).exists()
-        if exists and not args.resume:
-            raise C.ConfigError(f"run {name!r} already exists in {storage_path}; pass --resume "
-                                f"to continue it, or another --name")
-        if args.resume and not exists:
-            raise C.ConfigError(f"--resume: no run {name!r} in {storage_path}")
-        return name
-    if args.resume:
-        runs = sorted((p for p in storage_path.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise C.ConfigError(f"--resume: no runs in {storage_path}")
-        return runs[-1].name
-    stem = Path(args.config).stem if not args.config in C.PRESETS else args.config
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_dir_name(args, storage_path, cfg):
+    """The run's name; a continued run must run with the config it recorded (see moco_ray.rundir)."""
+    stem = args.config if args.config in C.PRESETS else Path(args.config).stem
+    name, continuing = rundir.resolve(storage_path, args.name, args.resume,
+                                      f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if continuing:
+        rundir.check_config(storage_path / name, cfg.to_dict(), rundir.allowed_changes(args.allow_change))
+    return name
 
 
 def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, callbacks=(),
@@ -116,7 +106,8 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         callbacks=[*callbacks, ProgressCallback(run_log)],
     )
-    return TorchTrainer(train_func, train_loop_config={"cfg": cfg.to_dict(), "run_log": run_log},
+    config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(Path(storage_path) / name)}
+    return TorchTrainer(train_func, train_loop_config=config,
                         scaling_config=scaling, run_config=run)
 
 
@@ -127,8 +118,8 @@ def main(argv=None):
         workers = parse_workers(args.num_workers)
         C.validate(cfg, max_workers(workers))
         storage_path = Path(args.storage_path).expanduser().resolve()
-        name = run_dir_name(args, storage_path)
-        cfg = resolve_data(cfg)
+        name = run_dir_name(args, storage_path, cfg)
+        user_cfg, cfg = cfg, resolve_data(cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,6 +148,8 @@ def main(argv=None):
     print(f"[moco_ray] run {name} in {storage_path}, workers {args.num_workers}, "
           f"{'GPU' if use_gpu else 'CPU'}; config:\n{C.describe(cfg)}", flush=True)
 
+    rundir.set_aside_torn_ray_snapshot(storage_path / name)
+    rundir.record_config(storage_path / name, user_cfg.to_dict())
     t0 = time.perf_counter()
     trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
                            resize_interval_s=args.resize_interval_s)

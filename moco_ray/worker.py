@@ -31,7 +31,7 @@ log = logging.getLogger("moco_ray")
 
 def train_func(config):
     """Runs on every Ray Train worker."""
-    worker = Worker(C.apply_overrides(C.Config(), config["cfg"]), config.get("run_log"))
+    worker = Worker(C.apply_overrides(C.Config(), config["cfg"]), config.get("run_log"), config.get("run_dir"))
     worker.start()
     while not worker.finished():
         if not worker.train_epoch():
@@ -96,7 +96,7 @@ def _ray_train():
 class Worker:
     """One Ray Train worker's state: config, model, optimizer, loss scaler, progress, metrics."""
 
-    def __init__(self, cfg, run_log=None):
+    def __init__(self, cfg, run_log=None, run_dir=None):
         import ray.train.torch
 
         from moco_ray import data, metrics
@@ -122,8 +122,10 @@ class Worker:
         self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
         self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=0, skipped_steps=0,
                              knn_init_top1=None, knn_top1=None)
+        self.run_dir = run_dir
         self.resumed_from = self.restore()
         self.progress["starts"] += 1
+        self.group = self._group_number()
         self._to_device_and_ddp()
         torch.manual_seed(cfg.seed * 1_000_003 + self.progress["step"] * 1009 + self.rank)
 
@@ -140,13 +142,18 @@ class Worker:
         self.images_seen, self.t_run, self.last, self.knn_step = 0, time.perf_counter(), {}, None
 
     def restore(self):
-        """Load the newest valid checkpoint Ray hands this group, if any; returns its path."""
-        latest = _ray_train().get_checkpoint()
-        if latest is None:
-            return None
-        path = checkpoint.find_valid(latest.path)
+        """Load the newest valid checkpoint of the run directory (without one: at or before the one
+        Ray hands this group), if any; returns its path."""
+        if self.run_dir:
+            path, where = checkpoint.newest_valid(self.run_dir), self.run_dir
+        else:
+            latest = _ray_train().get_checkpoint()
+            if latest is None:
+                return None
+            path, where = checkpoint.find_valid(latest.path), Path(latest.path).parent
         if path is None:
-            print(f"[moco_ray] no valid checkpoint under {Path(latest.path).parent}: starting fresh")
+            if checkpoint.in_run(where):
+                print(f"[moco_ray] no valid checkpoint under {where}: starting fresh")
             return None
         state, shard, _ = checkpoint.load(path, self.rank, self.W, self.cfg.K)
         self.model.encoder_q.load_state_dict(state["encoder_q"])
@@ -157,6 +164,18 @@ class Worker:
         self.model.queue.load_state_dict(shard)
         self.progress.update(state["progress"])
         return str(path)
+
+    def _group_number(self):
+        """This group's number in its checkpoints' names: above every one in the run directory (rank
+        0 decides), else the number of starts."""
+        import torch.distributed as dist
+
+        if not self.run_dir:
+            return self.progress["starts"]
+        number = [checkpoint.next_group(self.run_dir) if self.rank == 0 else None]
+        if self.W > 1:
+            dist.broadcast_object_list(number, src=0)
+        return number[0]
 
     def _to_device_and_ddp(self):
         from torch.nn.parallel import DistributedDataParallel
@@ -297,7 +316,7 @@ class Worker:
             seconds = checkpoint.save(tmp, self.rank, self.W, state, self.model.queue.state_dict(), meta)
             ray_train.report(dict(metrics, checkpoint_save_s=seconds),
                              checkpoint=ray_train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint.dir_name(p["step"], p["starts"]))
+                             checkpoint_dir_name=checkpoint.dir_name(p["step"], self.group))
 
     def monitor(self):
         """kNN top-1 (%) of the query encoder's backbone; None without knn_data."""

@@ -1,6 +1,7 @@
 """End to end on a real local Ray: the driver, TorchTrainer with 2 gloo workers, checkpoints, resume."""
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
     previous_step = checkpoint.verify(previous)["step"]  # Ray may rotate it out during the resume
     with open(final / checkpoint.queue_file(1), "r+b") as f:
         f.write(b"corrupt!")
-    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", "--set", f"epochs={epochs + 1}", *short)) == 0
+    more = ("--set", f"epochs={epochs + 1}", "--allow-change", "epochs")
+    assert main(tiny_run_args(digits, tmp_path, "short", "--resume", *more, *short)) == 0
     rows = read_metrics(tmp_path / "short")
     start = [r for r in rows if r.get("event") == "start"][-1]
     assert start["resumed_from"] == str(previous)
@@ -66,10 +68,69 @@ def digits_train_ids(digits):
     return range(dataset_info(digits["train"])["n"])
 
 
-def test_existing_run_name_needs_resume(ray_session, digits, tmp_path, capsys):
+def test_existing_run_name_needs_resume(digits, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert main(tiny_run_args(digits, tmp_path, "taken")) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_continuing_with_another_config_names_the_keys(digits, tmp_path, capsys):
+    from moco_ray import config as C, rundir
+
+    rundir.record_config(tmp_path / "run", C.load("demo", ["data=" + str(digits["train"]), "T=0.1"]).to_dict())
+    assert main(["--storage-path", str(tmp_path), "--name", "run", "--resume", "auto",
+                 "--set", "data=" + str(digits["train"]), "--set", "T=0.3", "--set", "epochs=40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "epochs 30 -> 40" in err and "T 0.1 -> 0.3" in err
+    assert "--allow-change T,epochs" in err
+    assert main(["--storage-path", str(tmp_path), "--name", "run", "--resume", "auto", "--allow-change",
+                 "nonsense"]) == 2
+    assert "unknown config key(s) nonsense" in capsys.readouterr().err
+    assert main(["--storage-path", str(tmp_path), "--resume", "auto"]) == 2
+    assert "--resume auto needs --name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_driver_killed_then_the_same_command_continues(digits, tmp_path):
+    """SIGKILL of `python -m moco_ray.train` and its local Ray mid-run; the same command again
+    (--resume auto) continues from the newest valid checkpoint; every epoch's samples once."""
+    from moco_ray.data import dataset_info
+    from moco_ray.sample_log import exactly_once_problems
+
+    samples, run_dir, B, epochs = tmp_path / "samples", tmp_path / "run", 32, 2
+    args = tiny_run_args(digits, tmp_path, "run", "--resume", "auto", "--set", f"sample_log={samples}",
+                         "--set", f"batch_size={B}", "--set", "K=256", "--set", "res=16", "--set", "knn_every=0",
+                         "--set", "knn_data=", "--set", f"epochs={epochs}", "--set", "checkpoint_every_steps=10")
+    command = [sys.executable, "-m", "moco_ray.train", *args]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # Its own session (process group): the kill takes the driver and the local Ray it started.
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+            saved = [r["step"] for r in rows if r.get("checkpoint")]
+            if saved and max(r.get("step") or 0 for r in rows) >= saved[-1] + 3:
+                break  # steps past the newest checkpoint: the continuation redoes them
+            assert driver.poll() is None, "the driver ended before the kill"
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no checkpoint within 300 s")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    killed_at = max(r.get("step") or 0 for r in read_metrics(run_dir))
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    start = [r for r in rows if r.get("event") == "start"][-1]
+    assert start["resumed_from"] is not None and 0 < start["step"] < killed_at
+    n = dataset_info(digits["train"])["n"]
+    assert rows[-1]["event"] == "end" and rows[-1]["step"] == n // B * epochs
+    assert exactly_once_problems(samples, n, B, epochs) == []
 
 
 @pytest.mark.slow
@@ -112,3 +173,23 @@ def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=60)
+
+
+def test_cli_console_is_quiet_and_per_step_records_skip_ray_train_report(digits, tmp_path):
+    """The CLI as a user runs it: no Ray Train "Reporting training result ... TrainingReport(...)"
+    line per report, and every step's record reaches metrics.jsonl through the RunLog while only
+    the start, the checkpoints and the end go through ray.train.report."""
+    args = tiny_run_args(digits, tmp_path, "quiet", "--set", "max_steps=12", "--set", "report_every=1",
+                         "--set", "checkpoint_every_steps=5", "--set", "knn_every=0", "--set", "knn_data=")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    run = subprocess.run([sys.executable, "-m", "moco_ray.train", *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    console = run.stdout + run.stderr
+    assert run.returncode == 0, console[-3000:]
+    assert console.count("Reporting training result") == 0 and "TrainingReport(" not in console
+    assert "[moco_ray] started: world size 2" in console and "[moco_ray] summary" in console
+    rows = read_metrics(tmp_path / "quiet")
+    assert [r["step"] for r in rows if r.get("event") == "step" and r["checkpoint"] is None] == list(range(1, 13))
+    saved = [(r["event"], r["step"]) for r in rows if r["checkpoint"]]
+    assert saved == [("step", 5), ("step", 10), ("end", 12)]
+    assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
