@@ -43,3 +43,13 @@ def grad_scaler(precision, device_type):
 
 def memory_format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def backward_and_step(loss, optimizer, scaler):
+    """loss.backward() and optimizer.step() through the scaler; True when the step was skipped (fp16
+    gradients with inf/nan: the scaler then lowers its scale and leaves the weights as they were)."""
+    scaler.scale(loss).backward()
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return scale is not None and scaler.get_scale() < scale

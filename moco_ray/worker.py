@@ -2,11 +2,15 @@
 checkpoint after a restart or a resize.
 
     train_func            set up (or restore), then epochs of MoCo steps, kNN, checkpoints
-    Worker.restore        the newest valid checkpoint: model, optimizer, loss scaler, queue, progress
-    Worker.train_epoch    the steps of one epoch from the recorded sample position
-    Worker.step           one optimizer step: the paper's Algorithm 1 (moco_ray.step.MoCo) + SGD
-    Worker.save           a sharded checkpoint through ray.train.report
-    Worker.monitor        the kNN monitor on the backbone of the query encoder
+    Loop                  what every training loop here shares (pretraining, moco_ray.lincls):
+      .restore              the newest valid checkpoint: the subclass's state, progress
+      .train_epoch          the steps of one epoch from the recorded sample position
+      .record               a step's metrics to Prometheus and the run log
+      .end_epoch, .end      epoch bookkeeping, the subclass's measurement, checkpoints
+      .save                 a sharded checkpoint through ray.train.report
+    Worker(Loop)          MoCo pretraining:
+      .step                 one optimizer step: the paper's Algorithm 1 (moco_ray.step.MoCo) + SGD
+      .monitor              the kNN monitor on the backbone of the query encoder
 
 Per-step metrics never go through ray.train.report (each call is a barrier that waits for the Train
 controller's poll, ~1.6 s here): every worker updates its own Prometheus endpoint, and rank 0 sends a
@@ -31,13 +35,7 @@ log = logging.getLogger("moco_ray")
 
 def train_func(config):
     """Runs on every Ray Train worker."""
-    worker = Worker(C.apply_overrides(C.Config(), config["cfg"]), config.get("run_log"), config.get("run_dir"))
-    worker.start()
-    while not worker.finished():
-        if not worker.train_epoch():
-            break  # stopped by max_steps in the middle of the epoch
-        worker.end_epoch()
-    worker.end()
+    Worker(C.apply_overrides(C.Config(), config["cfg"]), config.get("run_log"), config.get("run_dir")).run()
 
 
 def learning_rate(cfg, batch_effective, progress):
@@ -93,15 +91,23 @@ def _ray_train():
     return ray.train
 
 
-class Worker:
-    """One Ray Train worker's state: config, model, optimizer, loss scaler, progress, metrics."""
+class Loop:
+    """One Ray Train worker's training loop, whatever it trains: its place in the group, the restore
+    from the newest valid checkpoint, epochs of steps from the recorded sample position (the
+    exactly-once order of moco_ray.data), the records to Prometheus and the run log, and sharded
+    checkpoints. A subclass builds the model (build, to_device), takes one step (step), says what
+    its checkpoints hold (state_dict, load_state, queue_state) and what it measures (measure,
+    measure_due, measures)."""
+
+    PROGRESS = {}        # the subclass's own progress fields (checkpointed) and their initial values
+    aug = None           # the colour augmentation of the training views (moco_ray.augment)
+    queue_size = None    # K when every rank checkpoints a queue shard
 
     def __init__(self, cfg, run_log=None, run_dir=None):
         import ray.train.torch
 
         from moco_ray import data, metrics
         from moco_ray.progress import Publisher
-        from moco_ray.step import MoCo
 
         _quiet_ray_train()
         ctx = _ray_train().get_context()
@@ -111,26 +117,19 @@ class Worker:
         precision.configure_backends(self.device)
         self.b = cfg.batch_size // self.W
         self.B = self.b * self.W
+        self.info = data.dataset_info(cfg.data)
+        self.n = self.info["n"]
 
         torch.manual_seed(cfg.seed)
-        self.model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp,
-                          small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed,
-                          head_bn=cfg.head_bn, precision=cfg.precision,
-                          channels_last=cfg.channels_last == "true")
-        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
-        self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=0, skipped_steps=0,
-                             knn_init_top1=None, knn_top1=None)
+        self.build()
+        self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=0, skipped_steps=0, **self.PROGRESS)
         self.run_dir = run_dir
         self.resumed_from = self.restore()
         self.progress["starts"] += 1
         self.group = self._group_number()
-        self._to_device_and_ddp()
+        self.to_device()
         torch.manual_seed(cfg.seed * 1_000_003 + self.progress["step"] * 1009 + self.rank)
 
-        self.info = data.dataset_info(cfg.data)
-        self.n = self.info["n"]
         self.steps_per_epoch = self.n // self.B
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
@@ -139,7 +138,15 @@ class Worker:
                                            rank=self.rank) if cfg.metrics_port else None
         self.publisher = Publisher(run_log) if run_log is not None and self.rank == 0 else None
         self.sample_log = SampleLog(cfg.sample_log, self.rank) if cfg.sample_log else None
-        self.images_seen, self.t_run, self.last, self.knn_step = 0, time.perf_counter(), {}, None
+        self.images_seen, self.t_run, self.last, self.measured_step = 0, time.perf_counter(), {}, None
+
+    def run(self):
+        self.start()
+        while not self.finished():
+            if not self.train_epoch():
+                break  # stopped by max_steps in the middle of the epoch
+            self.end_epoch()
+        self.end()
 
     def restore(self):
         """Load the newest valid checkpoint of the run directory (without one: at or before the one
@@ -155,13 +162,8 @@ class Worker:
             if checkpoint.in_run(where):
                 print(f"[moco_ray] no valid checkpoint under {where}: starting fresh")
             return None
-        state, shard, _ = checkpoint.load(path, self.rank, self.W, self.cfg.K)
-        self.model.encoder_q.load_state_dict(state["encoder_q"])
-        self.model.encoder_k.load_state_dict(state["encoder_k"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.model.queue.load_state_dict(shard)
+        state, shard, _ = checkpoint.load(path, self.rank, self.W, self.queue_size)
+        self.load_state(state, shard)
         self.progress.update(state["progress"])
         return str(path)
 
@@ -177,24 +179,13 @@ class Worker:
             dist.broadcast_object_list(number, src=0)
         return number[0]
 
-    def _to_device_and_ddp(self):
-        from torch.nn.parallel import DistributedDataParallel
-
-        self.model.to(self.device, memory_format=precision.memory_format(self.model.channels_last))
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.model.encoder_q = DistributedDataParallel(self.model.encoder_q, device_ids=ids)
-        self.encoder_q = self.model.encoder_q.module
-
     # ------------------------------------------------------------------------------------------------
 
     def start(self):
         p = self.progress
-        if p["knn_init_top1"] is None and p["step"] == 0:
-            p["knn_init_top1"] = self.monitor()
         start = {"event": "start", "world_size": self.W, "step": p["step"], "epoch": p["epoch"],
                  "resumed_from": self.resumed_from, "batch_effective": self.B,
-                 "total_steps": self.total_steps, "knn_init_top1": p["knn_init_top1"],
-                 "config": self.cfg.to_dict()}
+                 "total_steps": self.total_steps, **self.measures(), "config": self.cfg.to_dict()}
         if self.publisher:  # first, so the driver sees it before this segment's step records
             self.publisher.send(start)
         _ray_train().report(start)
@@ -210,14 +201,14 @@ class Worker:
         epoch = p["epoch"]
         loader = data.make_train_loader(
             cfg.data, seed=cfg.seed, epoch=epoch, start=p["samples_in_epoch"], batch_per_worker=self.b,
-            rank=self.rank, world_size=self.W, res=cfg.res, aug=cfg.aug, device=self.device,
+            rank=self.rank, world_size=self.W, res=cfg.res, aug=self.aug, device=self.device,
             num_workers=cfg.loader_workers, crop_min=cfg.crop_min)
         t_end = time.perf_counter()
-        for im_q, im_k, _, sample_id in loader:
+        for batch in loader:   # (view q, view k, label, sample id)
             t_data = time.perf_counter()
-            loss, stats, lr = self.step(im_q, im_k, epoch + p["samples_in_epoch"] / self.n)
+            loss, stats, lr = self.step(batch, epoch + p["samples_in_epoch"] / self.n)
             if self.sample_log:
-                self.sample_log.write(epoch, p["step"], sample_id)
+                self.sample_log.write(epoch, p["step"], batch[-1])
             p["step"] += 1
             p["samples_in_epoch"] += self.B
             self.images_seen += self.b
@@ -232,21 +223,11 @@ class Worker:
                 break
         return p["samples_in_epoch"] + self.B > self.n
 
-    def step(self, im_q, im_k, epochs_done):
-        """One step of Algorithm 1 (forward both encoders, InfoNCE, enqueue: MoCo.forward), then the
-        SGD update of the query encoder; the loss is scaled for fp16. Returns (loss, stats, lr)."""
+    def set_lr(self, epochs_done):
         lr = learning_rate(self.cfg, self.B, epochs_done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, stats = self.model(im_q, im_k, self.progress["step"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)  # skipped when fp16 gradients hold inf/nan
-        self.scaler.update()
-        if scale is not None and self.scaler.get_scale() < scale:
-            self.progress["skipped_steps"] += 1
-        return loss, stats, lr
+        return lr
 
     def record(self, loss, stats, lr, epoch, step_time, data_wait):
         """This step's metrics: to this worker's Prometheus endpoint every step, and from rank 0 to
@@ -260,9 +241,8 @@ class Worker:
             "data_wait_share": data_wait / max(step_time, 1e-9),
             "images_per_s": self.images_seen * self.W / (time.perf_counter() - self.t_run),
             "batch_effective": self.B, "world_size": self.W, "restarts": p["starts"] - 1,
-            "skipped_steps": p["skipped_steps"], "queue_keys": len(self.model.queue),
-            "queue_age_steps": queue_age(self.model.queue, p["step"]), "knn_top1": p["knn_top1"],
-            "knn_init_top1": p["knn_init_top1"], "rss_bytes": rss_bytes(),
+            "skipped_steps": p["skipped_steps"], **self.step_fields(), **self.measures(),
+            "rss_bytes": rss_bytes(),
         }
         if self.device.type == "cuda":
             self.last["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
@@ -272,15 +252,15 @@ class Worker:
             self.publisher.send(self.last)
 
     def end_epoch(self):
-        """Epoch bookkeeping, the kNN monitor every knn_every epochs, and an epoch-end checkpoint."""
-        p, cfg = self.progress, self.cfg
+        """Epoch bookkeeping, the measurement when it is due (and after the last epoch), and an
+        epoch-end checkpoint."""
+        p = self.progress
         p["epoch"] += 1
         p["samples_in_epoch"] = 0
-        last_epoch = p["epoch"] >= cfg.epochs
         self.last["epoch"] = p["epoch"]
-        if cfg.knn_every and (p["epoch"] % cfg.knn_every == 0 or last_epoch):
-            p["knn_top1"], self.knn_step = self.monitor(), p["step"]
-            self.last["knn_top1"] = p["knn_top1"]
+        if self.measure_due(p["epoch"], last_epoch=p["epoch"] >= self.cfg.epochs):
+            self.measure()
+            self.last.update(self.measures())
             if self.meter:
                 self.meter.update(self.last)
         if not self.finished():
@@ -288,10 +268,10 @@ class Worker:
 
     def end(self):
         p = self.progress
-        if self.knn_step != p["step"]:
-            p["knn_top1"] = self.monitor()
-        final = dict(self.last, event="end", epoch=p["epoch"], step=p["step"], knn_top1=p["knn_top1"],
-                     knn_init_top1=p["knn_init_top1"], train_s=time.perf_counter() - self.t_run)
+        if self.measured_step != p["step"]:
+            self.measure()
+        final = dict(self.last, event="end", epoch=p["epoch"], step=p["step"], **self.measures(),
+                     train_s=time.perf_counter() - self.t_run)
         if self.publisher:
             self.publisher.drain()  # the step records go before the end record
         self.save(final)
@@ -305,18 +285,94 @@ class Worker:
         `metrics`; the run log gets the record, with the checkpoint's path, from the controller."""
         p = self.progress
         meta = {k: p[k] for k in ("step", "epoch", "samples_in_epoch")}
-        state = {
-            "encoder_q": self.encoder_q.state_dict(), "encoder_k": self.model.encoder_k.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "progress": dict(p), "config": self.cfg.to_dict(), "seed": self.cfg.seed,
-            "world_size": self.W,
-        }
+        state = {**self.state_dict(), "progress": dict(p), "config": self.cfg.to_dict(), "seed": self.cfg.seed,
+                 "world_size": self.W}
         ray_train = _ray_train()
         with tempfile.TemporaryDirectory() as tmp:
-            seconds = checkpoint.save(tmp, self.rank, self.W, state, self.model.queue.state_dict(), meta)
+            seconds = checkpoint.save(tmp, self.rank, self.W, state, self.queue_state(), meta)
             ray_train.report(dict(metrics, checkpoint_save_s=seconds),
                              checkpoint=ray_train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint.dir_name(p["step"], self.group))
+
+    def queue_state(self):
+        return None
+
+    def step_fields(self):
+        """The subclass's own fields of a step record."""
+        return {}
+
+
+class Worker(Loop):
+    """MoCo pretraining on one worker: model, optimizer, loss scaler, queue shard, kNN monitor."""
+
+    PROGRESS = dict(knn_init_top1=None, knn_top1=None)
+
+    def build(self):
+        from moco_ray.step import MoCo
+
+        cfg = self.cfg
+        self.aug, self.queue_size = cfg.aug, cfg.K
+        self.model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp,
+                          small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed,
+                          head_bn=cfg.head_bn, precision=cfg.precision,
+                          channels_last=cfg.channels_last == "true")
+        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
+
+    def load_state(self, state, shard):
+        self.model.encoder_q.load_state_dict(state["encoder_q"])
+        self.model.encoder_k.load_state_dict(state["encoder_k"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.model.queue.load_state_dict(shard)
+
+    def state_dict(self):
+        return {"encoder_q": self.encoder_q.state_dict(), "encoder_k": self.model.encoder_k.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def queue_state(self):
+        return self.model.queue.state_dict()
+
+    def to_device(self):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model.to(self.device, memory_format=precision.memory_format(self.model.channels_last))
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model.encoder_q = DistributedDataParallel(self.model.encoder_q, device_ids=ids)
+        self.encoder_q = self.model.encoder_q.module
+
+    def start(self):
+        p = self.progress
+        if p["knn_init_top1"] is None and p["step"] == 0:
+            p["knn_init_top1"] = self.monitor()
+        super().start()
+
+    def step(self, batch, epochs_done):
+        """One step of Algorithm 1 (forward both encoders, InfoNCE, enqueue: MoCo.forward), then the
+        SGD update of the query encoder; the loss is scaled for fp16. Returns (loss, stats, lr)."""
+        im_q, im_k, _, _ = batch
+        lr = self.set_lr(epochs_done)
+        loss, stats = self.model(im_q, im_k, self.progress["step"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if precision.backward_and_step(loss, self.optimizer, self.scaler):
+            self.progress["skipped_steps"] += 1
+        return loss, stats, lr
+
+    def step_fields(self):
+        return {"queue_keys": len(self.model.queue), "queue_age_steps": queue_age(self.model.queue, self.progress["step"])}
+
+    def measure_due(self, epoch, last_epoch):
+        """kNN every knn_every epochs and after the last; never with knn_every=0."""
+        every = self.cfg.knn_every
+        return bool(every) and (epoch % every == 0 or last_epoch)
+
+    def measure(self):
+        self.progress["knn_top1"], self.measured_step = self.monitor(), self.progress["step"]
+
+    def measures(self):
+        return {"knn_top1": self.progress["knn_top1"], "knn_init_top1": self.progress["knn_init_top1"]}
 
     def monitor(self):
         """kNN top-1 (%) of the query encoder's backbone; None without knn_data."""

@@ -202,3 +202,36 @@ def test_two_workers_are_scraped_while_training(ray_session, tmp_path):
     final = box["result"].metrics
     missing = [m.key for m in M.VOCABULARY if not m.optional and m.key not in final]
     assert not missing, f"reported without {missing}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run log: rank 0's records never wait for it
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_slow_or_dead_run_log_never_blocks_the_publisher(ray_session, tmp_path):
+    import ray
+
+    from moco_ray.progress import METRICS_FILE, Publisher, RunLog, read_metrics, start_run_log
+
+    class SlowRunLog(RunLog):
+        def record(self, m):
+            time.sleep(30)
+            super().record(m)
+
+    slow = ray.remote(num_cpus=0)(SlowRunLog).remote(str(tmp_path / "slow"))
+    publisher = Publisher(slow)
+    for step in range(200):  # returns at once: beyond MAX_IN_FLIGHT records are dropped, not queued
+        publisher.send({"event": "step", "step": step})
+    assert publisher.dropped == 200 - Publisher.MAX_IN_FLIGHT
+
+    dead = start_run_log(tmp_path / "dead")
+    publisher = Publisher(dead)
+    publisher.send({"event": "step", "step": 1})
+    publisher.drain()
+    assert read_metrics(tmp_path / "dead")[0]["step"] == 1
+    ray.kill(dead)
+    for step in range(2, 100):
+        publisher.send({"event": "step", "step": step})
+    publisher.drain(timeout_s=5)
+    assert len((tmp_path / "dead" / METRICS_FILE).read_text().splitlines()) == 1
+    ray.kill(slow)
