@@ -50,10 +50,13 @@ def _describe(path):
 
 
 def write_part(out_dir, rank, state, queue_state):
-    """This rank's files: its queue shard, and on rank 0 the model/optimizer/progress state."""
+    """This rank's files: its queue shard (none when queue_state is None: a loop without a queue),
+    and on rank 0 the model/optimizer/progress state."""
     out_dir = Path(out_dir)
-    torch.save(queue_state, out_dir / queue_file(rank))
-    files = {queue_file(rank): _describe(out_dir / queue_file(rank))}
+    files = {}
+    if queue_state is not None:
+        torch.save(queue_state, out_dir / queue_file(rank))
+        files[queue_file(rank)] = _describe(out_dir / queue_file(rank))
     if rank == 0:
         torch.save(state, out_dir / STATE)
         files[STATE] = _describe(out_dir / STATE)
@@ -63,7 +66,7 @@ def write_part(out_dir, rank, state, queue_state):
 def write_manifest(out_dir, parts, meta):
     """parts: every rank's write_part() listing. Written atomically, after the files it lists."""
     listing = {name: d for part in parts for name, d in part.items()}
-    manifest = dict(meta, format=FORMAT, world_size=len(parts), files=listing)
+    manifest = dict(meta, format=FORMAT, world_size=len(parts), queue=queue_file(0) in listing, files=listing)
     tmp = Path(out_dir) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, Path(out_dir) / MANIFEST)
@@ -98,7 +101,8 @@ def verify(path, deep=True):
             raise CheckpointError(f"{path}: missing {name}")
         if f.stat().st_size != d["bytes"] or (deep and _sha256(f) != d["sha256"]):
             raise CheckpointError(f"{path}: {name} does not match the manifest (corrupt)")
-    if STATE not in manifest.get("files", {}) or queue_file(0) not in manifest["files"]:
+    files = manifest.get("files", {})
+    if STATE not in files or (manifest.get("queue", True) and queue_file(0) not in files):
         raise CheckpointError(f"{path}: manifest lists no model state or queue")
     return manifest
 
@@ -151,10 +155,12 @@ def next_group(run_dir):
 
 def load(path, rank, world_size, K):
     """Load a verified checkpoint for rank `rank` of `world_size`: the state dict, and this rank's
-    queue shard, resharded from however many workers wrote it."""
+    queue shard, resharded from however many workers wrote it (None with K=None: no queue)."""
     path = Path(path)
     manifest = verify(path, deep=False)
     state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+    if K is None:
+        return state, None, manifest
     old = [torch.load(path / queue_file(r), map_location="cpu") for r in range(manifest["world_size"])]
     if len(old) == world_size:
         shard = old[rank]

@@ -118,8 +118,8 @@ PRESETS = {
 
 LINCLS_PRESETS = {
     "imagenet": {},   # the defaults: 100 epochs, lr 30 per 256, /10 at 60 and 80
-    # The 16px crops of the demo pretraining, 30 epochs with the paper's steps at 60% and 80%.
-    "demo": dict(res=16, batch_size=64, epochs=30, lr_steps=(18, 24), eval_every=5, random_baseline=True,
+    # The 16px crops of the demo pretraining; 10 epochs, lr / 10 at 60% and 80% of them as the paper's.
+    "demo": dict(res=16, batch_size=64, epochs=10, lr_steps=(6, 8), eval_every=2, random_baseline=True,
                  report_every=5, checkpoint_every_steps=100, keep_checkpoints=2, loader_workers=1,
                  metrics_port=0),
 }

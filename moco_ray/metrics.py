@@ -22,7 +22,7 @@ class Metric:
     unit: str
     help: str
     name: str       # Prometheus family name (a counter's sample is exposed as NAME_total)
-    optional: bool = False  # exported only once a worker reports it (GPU memory on GPU workers)
+    optional: bool = False  # exported only once a worker reports it (GPU memory on GPU workers, linear top-1 in moco_ray.lincls)
 
     @property
     def samples(self):
@@ -53,7 +53,9 @@ VOCABULARY = [
     Metric("step", "gauge", "steps", "Optimizer steps completed by the run (goes back after a restart)",
            "moco_step"),
     Metric("epoch", "gauge", "epochs", "Epochs completed (the 0-based index of the current epoch)", "moco_epoch"),
-    Metric("loss", "gauge", "nats", "InfoNCE loss of the last step", "moco_loss"),
+    Metric("loss", "gauge", "nats",
+           "Loss of the last step (InfoNCE; cross-entropy of the linear classifier in moco_ray.lincls)",
+           "moco_loss"),
     Metric("lr", "gauge", "1", "Learning rate of the last step", "moco_lr"),
     Metric("batch_effective", "gauge", "images", "Effective global batch b*W", "moco_batch_effective"),
     Metric("world_size", "gauge", "workers", "Number of training workers", "moco_world_size"),
@@ -66,6 +68,13 @@ VOCABULARY = [
            "moco_queue_age_steps"),
     Metric("knn_top1", "gauge", "percent", "kNN top-1 accuracy of the query encoder (NaN before the first)",
            "moco_knn_top1_percent"),
+    Metric("lincls_top1", "gauge", "percent",
+           "Linear-evaluation top-1 on the validation split, last evaluation (NaN before the first)",
+           "moco_lincls_top1_percent", optional=True),
+    Metric("lincls_top5", "gauge", "percent", "Linear-evaluation top-5 on the validation split, last evaluation",
+           "moco_lincls_top5_percent", optional=True),
+    Metric("lincls_best_top1", "gauge", "percent", "Best linear-evaluation top-1 of the run so far",
+           "moco_lincls_best_top1_percent", optional=True),
     Metric("rss_bytes", "gauge", "bytes", "Resident memory of the worker process", "moco_rss_bytes"),
     Metric("gpu_memory_bytes", "gauge", "bytes", "GPU memory allocated by torch (GPU workers only)",
            "moco_gpu_memory_bytes", optional=True),
@@ -75,7 +84,8 @@ LABELS = ("run", "rank", "node")
 
 # Progress and bookkeeping fields that every report carries besides the metrics above.
 PROGRESS_KEYS = ("event", "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
-                 "knn_init_top1", "resumed_from", "checkpoint_save_s", "train_s")
+                 "knn_init_top1", "resumed_from", "checkpoint_save_s", "train_s", "lincls_best_epoch",
+                 "sanity_checked_epochs", "error")
 
 
 class WorkerMetrics:

@@ -67,11 +67,11 @@ def _num(v, fmt):
 
 
 def postfix(m):
-    """loss, lr, images/s, world size, kNN top-1 of a report, for the bar and for the lines."""
-    knn = m.get("knn_top1")
+    """loss, lr, images/s, world size, kNN (or linear) top-1 of a report, for the bar and the lines."""
+    what, top1 = ("linear top-1", m["lincls_top1"]) if "lincls_top1" in m else ("kNN", m.get("knn_top1"))
     return (f"loss {_num(m.get('loss'), '.4f')} lr {_num(m.get('lr'), '.4g')} "
             f"{_num(m.get('images_per_s'), '.1f')} img/s W={m.get('world_size', '-')} "
-            f"kNN {'-' if knn is None else f'{knn:.1f}%'}")
+            f"{what} {'-' if top1 is None else f'{top1:.1f}%'}")
 
 
 def format_line(m, eta_s):

@@ -5,6 +5,8 @@ RUN_DIR/report/ (or --out):
     metrics.parquet   one row per report (rank 0's metrics, the controller's time, the segment)
     loss_lr.png       loss and lr vs step
     knn_top1.png      kNN top-1 vs epoch (the random-init encoder at epoch 0)
+    lincls_top1.png   instead of knn_top1.png for a linear evaluation (moco_ray.lincls): top-1 and
+                      top-5 vs epoch, the best marked
     throughput.png    images/s vs step, world size overlaid
     data_wait.png     share of the step spent waiting for data vs step
     summary.md        final numbers, the plots, the config
@@ -26,6 +28,15 @@ PLOTS = {
     "throughput.png": "Images/s vs step, world size overlaid",
     "data_wait.png": "Data-wait share vs step",
 }
+LINCLS_PLOT = ("lincls_top1.png", "Linear top-1 and top-5 vs epoch")
+
+
+def plots_of(df):
+    """The plots of this run: a linear evaluation has its top-1 plot in place of the kNN one."""
+    if "lincls_top1" not in df:
+        return dict(PLOTS)
+    return {LINCLS_PLOT[0] if png == "knn_top1.png" else png: LINCLS_PLOT[1] if png == "knn_top1.png" else title
+            for png, title in PLOTS.items()}
 
 
 class ReportError(Exception):
@@ -147,6 +158,24 @@ def knn_points(df, knn_every=None):
     return sorted(points.items())
 
 
+def lincls_points(df, eval_every=None):
+    """(epoch, top-1, top-5) of every linear evaluation: at the end of the run and at the epoch ends
+    where epoch % eval_every == 0 (without eval_every, a changed value marks one)."""
+    if "lincls_top1" not in df:
+        return []
+    points, last = {}, None
+    for _, m in df[df["event"].isin(["epoch", "end"]) & df["lincls_top1"].notna()].iterrows():
+        v, epoch = m["lincls_top1"], int(m["epoch"])
+        if eval_every is None:
+            fresh = v != last or m["event"] == "end"
+        else:
+            fresh = m["event"] == "end" or (bool(eval_every) and epoch % eval_every == 0)
+        if fresh:
+            points[epoch] = (float(v), float(m["lincls_top5"]))
+        last = v
+    return [(epoch, top1, top5) for epoch, (top1, top5) in sorted(points.items())]
+
+
 def _ok(v):
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
@@ -211,6 +240,24 @@ def plot_knn(points, path, name):
     _save(plt, fig, path)
 
 
+def plot_lincls(points, path, name):
+    plt, fig, ax = _figure(f"{name}: linear classification on frozen features")
+    if points:
+        epochs, top1, top5 = zip(*points)
+        ax.plot(epochs, top1, color="tab:green", marker="o", label="top-1")
+        ax.plot(epochs, top5, color="tab:olive", marker=".", linestyle="--", label="top-5")
+        best = max(points, key=lambda p: p[1])
+        ax.annotate(f"best {best[1]:.1f}", (best[0], best[1]), textcoords="offset points", xytext=(0, -14),
+                    ha="center", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    _save(plt, fig, path)
+
+
 def plot_throughput(c, world, events, path, name):
     plt, fig, ax = _figure(f"{name}: throughput and world size")
     ax.plot(c["step"], c["images_per_s"], color="tab:purple", marker=".", label="images/s (global, mean since the (re)start)")
@@ -251,7 +298,15 @@ def _fmt(v, spec=".2f", suffix=""):
     return "n/a" if not _ok(v) else f"{v:{spec}}{suffix}"
 
 
-def summary(name, run_dir, df, c, events, knn, config):
+def _lincls_row(points, c):
+    if not points:
+        return ("linear top-1", "n/a")
+    best = max(points, key=lambda p: p[1])
+    return ("linear top-1", f"{points[-1][1]:.2f} % at epoch {points[-1][0]} (top-5 {points[-1][2]:.2f} %), "
+                            f"best {best[1]:.2f} % at epoch {best[0]}")
+
+
+def summary(name, run_dir, df, c, events, knn, config, lincls=None, plots=PLOTS):
     last = c.iloc[-1]
     done = last.get("event") == "end"
     total = last.get("total_steps")
@@ -282,6 +337,8 @@ def summary(name, run_dir, df, c, events, knn, config):
         ("reports", str(len(df))),
         ("last checkpoint", f"`{ckpts.iloc[-1]}`" if len(ckpts) else "none"),
     ]
+    if lincls is not None:   # a linear evaluation: its accuracy in place of the kNN monitor's
+        rows[4] = _lincls_row(lincls, c)
     lines = [f"# Run report: {name}", "",
              f"Run directory `{run_dir}`, report written {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "## Final numbers", "", "| | |", "|---|---|"]
@@ -290,7 +347,7 @@ def summary(name, run_dir, df, c, events, knn, config):
         lines += ["", "Restarts and resizes:", ""]
         lines += [f"- {kind} at step {int(step)} -> world size {world}" for step, kind, world in events]
     lines += ["", "## Plots", ""]
-    lines += [f"![{title}]({png})" for png, title in PLOTS.items()]
+    lines += [f"![{title}]({png})" for png, title in plots.items()]
     lines += ["", "## Config", ""]
     if config:
         lines += ["| key | value |", "|---|---|"]
@@ -316,10 +373,15 @@ def write_report(run_dir, out=None):
     config = find_config(run_dir, records)
     c, events, knn = curves(df), restarts(df), knn_points(df, (config or {}).get("knn_every"))
     plot_loss_lr(c, events, out / "loss_lr.png", name)
-    plot_knn(knn, out / "knn_top1.png", name)
+    plots = plots_of(df)
+    lincls = lincls_points(df, (config or {}).get("eval_every")) if LINCLS_PLOT[0] in plots else None
+    if lincls is None:
+        plot_knn(knn, out / "knn_top1.png", name)
+    else:
+        plot_lincls(lincls, out / LINCLS_PLOT[0], name)
     plot_throughput(c, world_sizes(df), events, out / "throughput.png", name)
     plot_data_wait(c, events, out / "data_wait.png", name)
-    (out / "summary.md").write_text(summary(name, run_dir, df, c, events, knn, config))
+    (out / "summary.md").write_text(summary(name, run_dir, df, c, events, knn, config, lincls, plots))
     return out
 
 
@@ -334,7 +396,7 @@ def main(argv=None):
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[moco_ray] report: {out} ({', '.join(['metrics.parquet', *PLOTS, 'summary.md'])})")
+    print(f"[moco_ray] report: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 

@@ -41,7 +41,13 @@ def max_workers(workers):
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m moco_ray.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo", help="preset (demo, moco-v1, moco-v2) or a YAML file")
+    add_run_arguments(p, C.PRESETS)
+    return p
+
+
+def add_run_arguments(p, presets):
+    """The options of every CLI that runs a TorchTrainer (moco_ray.train, moco_ray.lincls)."""
+    p.add_argument("--config", default="demo", help=f"preset ({', '.join(presets)}) or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set T=0.2 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
@@ -54,19 +60,19 @@ def build_parser():
                    help="where runs, checkpoints and metrics are stored (shared storage on a cluster)")
     p.add_argument("--name", default=None, help="run name (default: CONFIG-TIMESTAMP)")
     rundir.add_arguments(p)
-    return p
 
 
-def resolve_data(cfg):
-    """The embedded digits when no dataset is given (built on first use); dataset checks."""
+def resolve_data(cfg, splits=("data", "knn_data")):
+    """The embedded digits when no dataset is given (built on first use): its train split for
+    splits[0], its val split for splits[1]; dataset checks."""
     from moco_ray import data
 
-    if not cfg.data:
+    if not getattr(cfg, splits[0]):
         from data_prep.demo import build_demo, default_demo_root
 
         paths = build_demo(default_demo_root())
-        cfg = C.apply_overrides(cfg, {"data": str(paths["train"]), "knn_data": str(paths["val"])})
-    for key in ("data", "knn_data"):
+        cfg = C.apply_overrides(cfg, {splits[0]: str(paths["train"]), splits[1]: str(paths["val"])})
+    for key in splits:
         if getattr(cfg, key):
             try:
                 data.dataset_info(getattr(cfg, key))
@@ -86,9 +92,10 @@ def run_dir_name(args, storage_path, cfg):
 
 
 def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, callbacks=(),
-                 resize_interval_s=60.0):
+                 resize_interval_s=60.0, loop=None):
     """The TorchTrainer for one run, with its RunLog (RUN_DIR/metrics.jsonl, start and resize lines);
-    the sweep builds its trials with this too."""
+    the sweep builds its trials with this too. loop: the per-worker function (default: pretraining's
+    moco_ray.worker.train_func)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -107,26 +114,25 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
         callbacks=[*callbacks, ProgressCallback(run_log)],
     )
     config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(Path(storage_path) / name)}
-    return TorchTrainer(train_func, train_loop_config=config,
+    return TorchTrainer(loop or train_func, train_loop_config=config,
                         scaling_config=scaling, run_config=run)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = C.load(args.config, args.set)
-        workers = parse_workers(args.num_workers)
-        C.validate(cfg, max_workers(workers))
-        storage_path = Path(args.storage_path).expanduser().resolve()
-        name = run_dir_name(args, storage_path, cfg)
-        user_cfg, cfg = cfg, resolve_data(cfg)
-    except C.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=()):
+    """Everything checked before Ray starts: (config as given, config with the data resolved,
+    workers, storage path, run name). ConfigError on bad input."""
+    cfg = C.load(args.config, [*args.set, *overrides], kind)
+    workers = parse_workers(args.num_workers)
+    C.validate(cfg, max_workers(workers))
+    storage_path = Path(args.storage_path).expanduser().resolve()
+    name = run_dir_name(args, storage_path, cfg)
+    return cfg, resolve_data(cfg, splits), workers, storage_path, name
 
+
+def connect(args):
+    """Join the cluster (--address, or $RAY_ADDRESS under `ray job submit`) or start a local Ray;
+    returns whether the run uses GPUs."""
     import ray
-
-    from moco_ray.progress import watch
 
     address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
     if address is None:
@@ -137,6 +143,32 @@ def main(argv=None):
     use_gpu = {"true": True, "false": False}.get(args.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return use_gpu
+
+
+def fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name, loop=None):
+    """Record the run's config, then train with live progress; returns (Result, wall seconds)."""
+    from moco_ray.progress import watch
+
+    print(f"[moco_ray] run {name} in {storage_path}, workers {args.num_workers}, "
+          f"{'GPU' if use_gpu else 'CPU'}; config:\n{C.describe(cfg)}", flush=True)
+    rundir.set_aside_torn_ray_snapshot(storage_path / name)
+    rundir.record_config(storage_path / name, user_cfg.to_dict())
+    t0 = time.perf_counter()
+    trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
+                           resize_interval_s=args.resize_interval_s, loop=loop)
+    result = watch(storage_path / name, trainer.fit)
+    return result, time.perf_counter() - t0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        user_cfg, cfg, workers, storage_path, name = plan(args)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_gpu = connect(args)
     if cfg.bn == "sync" and not use_gpu:
         print("error: bn=sync needs GPUs (torch's SyncBatchNorm); use bn=shuffle on CPU", file=sys.stderr)
         return 2
@@ -145,16 +177,8 @@ def main(argv=None):
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[moco_ray] run {name} in {storage_path}, workers {args.num_workers}, "
-          f"{'GPU' if use_gpu else 'CPU'}; config:\n{C.describe(cfg)}", flush=True)
 
-    rundir.set_aside_torn_ray_snapshot(storage_path / name)
-    rundir.record_config(storage_path / name, user_cfg.to_dict())
-    t0 = time.perf_counter()
-    trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
-                           resize_interval_s=args.resize_interval_s)
-    result = watch(storage_path / name, trainer.fit)
-    wall = time.perf_counter() - t0
+    result, wall = fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name)
     m = result.metrics or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     print("\n[moco_ray] summary")

@@ -31,8 +31,8 @@ CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.
 RBAC_KINDS = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 # The module each RayJob's entrypoint runs.
 JOB_MODULES = {"moco-convert-train": "data_prep.convert", "moco-convert-val": "data_prep.convert",
-               "moco-pretrain": "moco_ray.train", "moco-sweep": "tune.sweep"}
-PRETRAIN_JOB, SWEEP_JOB = "moco-pretrain", "moco-sweep"
+               "moco-pretrain": "moco_ray.train", "moco-sweep": "tune.sweep", "moco-lincls": "moco_ray.lincls"}
+PRETRAIN_JOB, SWEEP_JOB, LINCLS_JOB = "moco-pretrain", "moco-sweep", "moco-lincls"
 GPU = "nvidia.com/gpu"
 
 
@@ -388,6 +388,28 @@ def test_pretrain_knn_monitor_costs_a_fraction_of_an_epoch_and_little_memory(obj
     peak = knn.peak_bytes(bank, IMAGENET_VAL, workers, RESNET50_FEATURES, IMAGENET_CLASSES, cfg.knn_k,
                           cfg.knn_chunk)
     assert peak < 1 << 30, f"the kNN monitor needs {peak / 2**30:.1f} GiB per GPU"
+
+
+def test_lincls_job_evaluates_the_pretraining_run_on_its_data(objects):
+    """The linear evaluation reads the pretraining job's run, the same splits (train for the
+    classifier, the kNN monitor's val split for top-1), on the same cluster and workers, with the
+    paper's protocol, and starts only once the pretraining has written its end record."""
+    from moco_ray import config as C
+
+    job, pretrain = rayjob(objects, LINCLS_JOB)["spec"], rayjob(objects, PRETRAIN_JOB)["spec"]
+    f, sets = flags(job["entrypoint"]), settings(job["entrypoint"])
+    pf, ps = flags(pretrain["entrypoint"]), settings(pretrain["entrypoint"])
+    cfg = C.load(f["--config"], f.get("--set", []), C.LinclsConfig)   # unknown keys raise
+    assert (cfg.epochs, cfg.lr, cfg.lr_steps, cfg.weight_decay, cfg.crop_min) == (100, 30.0, (60, 80), 0.0, 0.08)
+    assert f["--pretrained"] == f"{pf['--storage-path']}/{pf['--name']}"
+    assert f["--storage-path"] == pf["--storage-path"] and f["--name"] != pf["--name"]
+    assert (sets["data"], sets["val_data"]) == (ps["data"], ps["knn_data"])
+    assert (f["--use-gpu"], f["--num-workers"]) == (pf["--use-gpu"], pf["--num-workers"])
+    assert job["clusterSelector"] == pretrain["clusterSelector"] and "rayClusterSpec" not in job
+    inits = job["submitterPodTemplate"]["spec"].get("initContainers", [])
+    command = " ".join(" ".join(c.get("command", []) + c.get("args", [])) for c in inits)
+    assert f"{f['--pretrained']}/metrics.jsonl" in command and '"event": "end"' in command
+    assert f"{sets['val_data']}/manifest.parquet" in command
 
 
 # ------------------------------------------------------------------------------------------------

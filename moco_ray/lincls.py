@@ -1,0 +1,291 @@
+"""python -m moco_ray.lincls: linear classification on frozen features, the MoCo paper's protocol (the
+authors' main_lincls.py), on Ray Train with the loop, order, checkpoints and metrics of pretraining.
+
+    python -m moco_ray.lincls --pretrained RUN_DIR                # demo: the digits, 2 CPU workers
+    python -m moco_ray.lincls --config imagenet --pretrained CKPT --num-workers 8:16 \\
+        --set data=/data/in1k-ffcv/train --set val_data=/data/in1k-ffcv/val
+
+The protocol: the backbone of the pretrained query encoder, frozen and in eval mode for the whole run
+(its BatchNorm statistics never change); a new linear layer on the pooled features (weights
+N(0, 0.01), bias 0) is the only trained tensor. SGD momentum 0.9, weight decay 0, lr 30 per 256
+images scaled to the effective batch, 100 epochs, lr / 10 at epochs 60 and 80 (preset `imagenet`).
+Training views: RandomResizedCrop(res, scale (0.08, 1)) and a horizontal flip; validation: resize to
+res / 0.875 and center crop. After the first epoch and at the end every backbone tensor must equal
+the pretrained one (the authors' sanity check); a difference stops the run with an error (not
+retried: a retry would train from the same checkpoint into the same difference).
+
+--pretrained: a pretraining checkpoint directory, a run directory (its newest valid checkpoint), or
+a `torchvision` or `moco` export (moco_ray.export). With random_baseline (preset demo) the same
+protocol then runs on a randomly initialised encoder of the same architecture (run NAME-random), and
+both top-1s are printed at the end.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moco_ray import config as C, export, precision
+from moco_ray.worker import Loop, _ray_train, backbone_of
+
+
+def lincls_func(config):
+    """Runs on every Ray Train worker."""
+    LinearEval(C.apply_overrides(C.LinclsConfig(), config["cfg"]), config.get("run_log"),
+               config.get("run_dir")).run()
+
+
+def build_classifier(arch, small_stem, num_classes):
+    """A ResNet (the pretraining's encoder, BN statistics as in a torchvision ResNet) whose fc is a new
+    linear layer, N(0, 0.01) weights and zero bias; every other parameter frozen."""
+    from moco_ray.model import build_encoder
+
+    net = build_encoder(arch, num_classes, mlp=False, small_stem=small_stem)
+    net.requires_grad_(False)
+    net.fc.requires_grad_(True)
+    torch.nn.init.normal_(net.fc.weight, mean=0.0, std=0.01)
+    torch.nn.init.zeros_(net.fc.bias)
+    return net
+
+
+def changed_tensors(backbone, reference):
+    """The names of the backbone tensors (parameters and BN buffers) that differ from `reference`."""
+    state = backbone.state_dict()
+    names = sorted(set(state) | set(reference))
+    return [k for k in names if k not in state or k not in reference
+            or not torch.equal(state[k].detach().cpu(), reference[k])]
+
+
+@torch.no_grad()
+def correct_counts(logits, labels, ks=(1, 5)):
+    """How many rows have their label among the top-k logits, for each k (k capped at the classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+
+
+class LinearEval(Loop):
+    """The linear classifier on one worker: the frozen backbone, the DDP-wrapped fc, validation
+    top-1/top-5 every eval_every epochs, the sanity check."""
+
+    PROGRESS = dict(top1=None, top5=None, best_top1=None, best_epoch=None, sanity_epochs=[])
+
+    def build(self):
+        cfg = self.cfg
+        reference, self.arch, small_stem = export.load_backbone(cfg.pretrained)
+        self.net = build_classifier(self.arch, small_stem, self.info["num_classes"])
+        missing, unexpected = self.net.load_state_dict(reference, strict=False)
+        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+            raise RuntimeError(f"{cfg.pretrained}: not a {self.arch} backbone "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.optimizer = torch.optim.SGD(self.net.fc.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
+        self.channels_last = cfg.channels_last == "true"
+
+    def load_state(self, state, shard):
+        self.net.fc.load_state_dict({k[3:]: v for k, v in state["model"].items() if k.startswith("fc.")})
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def state_dict(self):
+        """The whole classifier as a torchvision ResNet state_dict (fc included), optimizer, scaler."""
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "arch": self.arch}
+
+    def to_device(self):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net.to(self.device, memory_format=precision.memory_format(self.channels_last)).eval()
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.fc = DistributedDataParallel(self.net.fc, device_ids=ids)   # the only trained layer
+
+    def features(self, images):
+        """Pooled features of the frozen backbone (eval mode, no graph), in fp32 for the fc."""
+        images = images.to(memory_format=precision.memory_format(self.channels_last))
+        with torch.no_grad(), backbone_of(self.net) as backbone, precision.autocast(self.cfg.precision, self.device.type):
+            return backbone(images).float()
+
+    def step(self, batch, epochs_done):
+        """One SGD step of the linear layer on view q of the batch (RandomResizedCrop + flip; the
+        loader's second view is not used). Returns (loss, stats, lr)."""
+        images, _, labels, _ = batch
+        lr = self.set_lr(epochs_done)
+        labels = labels.to(self.device, non_blocking=True)
+        logits = self.fc(self.features(images))
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if precision.backward_and_step(loss, self.optimizer, self.scaler):
+            self.progress["skipped_steps"] += 1
+        return loss, {"acc": 100.0 * correct_counts(logits, labels, (1,))[0] / len(labels)}, lr
+
+    @torch.no_grad()
+    def evaluate(self):
+        """(top-1, top-5) in % on val_data, over all workers: each rank scores its own slice, every
+        sample counted once, and the counts are summed."""
+        import torch.distributed as dist
+
+        from moco_ray import data
+
+        loader = data.make_eval_loader(self.cfg.val_data, batch_size=max(self.b, 64), rank=self.rank,
+                                       world_size=self.W, res=self.cfg.res, device=self.device)
+        counts = torch.zeros(3, dtype=torch.long)
+        for images, labels, _ in loader:
+            logits = self.net.fc(self.features(images.to(self.device)))
+            counts += torch.tensor([*correct_counts(logits, labels.to(self.device)), len(labels)])
+        if self.W > 1:
+            dist.all_reduce(counts)
+        top1, top5, total = counts.tolist()
+        return 100.0 * top1 / total, 100.0 * top5 / total
+
+    def sanity_check(self):
+        """The authors' check: every backbone tensor equals the pretrained one, on every rank.
+        Returns the names that differ on any rank (empty when it holds)."""
+        import torch.distributed as dist
+
+        reference = export.load_backbone(self.cfg.pretrained)[0]
+        with backbone_of(self.net) as backbone:
+            changed = changed_tensors(backbone, reference)
+        everyone = [changed]
+        if self.W > 1:
+            everyone = [None] * self.W
+            dist.all_gather_object(everyone, changed)
+        self.progress["sanity_epochs"] = [*self.progress["sanity_epochs"], self.progress["epoch"]]
+        return sorted({name for names in everyone for name in names})
+
+    def measure_due(self, epoch, last_epoch):
+        """The sanity check after the first epoch; top-1/top-5 every eval_every epochs; both at the end."""
+        every = self.cfg.eval_every
+        return epoch == 1 or last_epoch or bool(every) and epoch % every == 0
+
+    def measure(self):
+        p, at_end = self.progress, super().finished()
+        self.measured_step = p["step"]
+        if p["epoch"] == 1 or at_end:
+            changed = self.sanity_check()
+            if changed:
+                self.failure = (f"sanity check failed: {len(changed)} backbone tensors changed by epoch "
+                                f"{p['epoch']} ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})")
+                return
+        if at_end or self.cfg.eval_every and p["epoch"] % self.cfg.eval_every == 0:
+            p["top1"], p["top5"] = self.evaluate()
+            if p["best_top1"] is None or p["top1"] > p["best_top1"]:
+                p["best_top1"], p["best_epoch"] = p["top1"], p["epoch"]
+
+    def measures(self):
+        p = self.progress
+        return {"lincls_top1": p["top1"], "lincls_top5": p["top5"], "lincls_best_top1": p["best_top1"],
+                "lincls_best_epoch": p["best_epoch"], "sanity_checked_epochs": p["sanity_epochs"]}
+
+    failure = None   # the sanity check's message once it failed
+
+    def finished(self):
+        return self.failure is not None or super().finished()
+
+    def end(self):
+        """The end of the run; after a failed sanity check, a "failed" record and no checkpoint (the
+        newest one is from before the failure)."""
+        if self.measured_step != self.progress["step"]:
+            self.measure()
+        if self.failure is None:
+            return super().end()
+        failed = {"event": "failed", "error": self.failure, "step": self.progress["step"],
+                  "epoch": self.progress["epoch"]}
+        if self.publisher:
+            self.publisher.send(failed)
+            self.publisher.drain()
+        _ray_train().report(failed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------------
+
+def build_parser():
+    from moco_ray import train
+
+    p = argparse.ArgumentParser(prog="python -m moco_ray.lincls", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", default=None,
+                   help="pretraining checkpoint or run directory, or a torchvision/moco export")
+    train.add_run_arguments(p, presets=C.LINCLS_PRESETS)
+    return p
+
+
+def random_init_export(path, pretrained, seed):
+    """Write a `torchvision` export of a randomly initialised encoder of the pretrained one's
+    architecture (seeded, initialised as pretraining initialises its encoder) to `path`."""
+    from moco_ray.model import build_encoder
+
+    _, arch, small_stem = export.load_backbone(pretrained)
+    torch.manual_seed(seed)
+    encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(export.strip_head(encoder.state_dict()), path)
+
+
+def baseline_run(args, cfg, storage_path, name):
+    """(args, config, name) of the random-init baseline of run `name`: continued with it, if it exists."""
+    baseline = name + "-random"
+    args = argparse.Namespace(**{**vars(args), "name": baseline, "resume": "auto" if args.resume else None})
+    random = C.apply_overrides(cfg, {"random_baseline": False,
+                                     "pretrained": str(storage_path / baseline / "random_init.pt")})
+    return args, random, baseline
+
+
+def evaluate_encoder(args, user_cfg, cfg, workers, use_gpu, storage_path, name):
+    """One linear evaluation: (the run's last record, wall seconds); its error when the run failed."""
+    from moco_ray import train
+    from moco_ray.progress import read_metrics
+
+    _, wall = train.fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name, loop=lincls_func)
+    return read_metrics(storage_path / name)[-1], wall
+
+
+def summary_lines(name, last, wall):
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    return [f"  {name}",
+            f"    linear top-1    {fmt(last.get('lincls_top1'))} % (best {fmt(last.get('lincls_best_top1'))} % "
+            f"at epoch {last.get('lincls_best_epoch')}), top-5 {fmt(last.get('lincls_top5'))} %",
+            f"    epochs          {last.get('epoch')}, sanity check after epochs {last.get('sanity_checked_epochs')}",
+            f"    wall time       {wall:.0f} s",
+            f"    checkpoint      {last.get('checkpoint')}"]
+
+
+def main(argv=None):
+    from moco_ray import train
+
+    args = build_parser().parse_args(argv)
+    try:
+        user_cfg, cfg, workers, storage_path, name = train.plan(
+            args, C.LinclsConfig, ("data", "val_data"), [f"pretrained={args.pretrained}"] if args.pretrained else [])
+        # every worker and every restart reads the same checkpoint, whatever the run directory gets later
+        cfg = C.apply_overrides(cfg, {"pretrained": str(export.find_checkpoint(cfg.pretrained))})
+        export.load_backbone(cfg.pretrained)  # readable, before Ray starts
+        if cfg.random_baseline:
+            b_args, b_cfg, b_name = baseline_run(args, cfg, storage_path, name)
+            train.run_dir_name(b_args, storage_path, b_cfg)   # refused now, not after the first run
+        use_gpu = train.connect(args)
+        cfg = C.for_device(cfg, cuda=use_gpu)
+    except (C.ConfigError, export.ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    runs = [(name, *evaluate_encoder(args, user_cfg, cfg, workers, use_gpu, storage_path, name))]
+    if cfg.random_baseline and runs[0][1].get("event") != "failed":
+        random_init_export(b_cfg.pretrained, cfg.pretrained, cfg.seed)
+        runs.append((b_name, *evaluate_encoder(b_args, b_cfg, C.for_device(b_cfg, cuda=use_gpu), workers,
+                                               use_gpu, storage_path, b_name)))
+    print("\n[moco_ray] linear evaluation")
+    for run, last, wall in runs:
+        print("\n".join(summary_lines(run, last, wall)))
+    failed = [last["error"] for _, last, _ in runs if last.get("event") == "failed"]
+    for error in failed:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Linear evaluation: the classifier and its checks without Ray; the protocol end to end on a real
+local Ray (2 gloo workers, the digits as FFCV files), resumed from its checkpoint."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_ray import checkpoint, config as C
+from moco_ray.lincls import build_classifier, changed_tensors, correct_counts, main
+from moco_ray.model import build_encoder
+from moco_ray.progress import read_metrics
+from moco_ray.queue import KeyQueue
+
+
+def test_only_the_new_fc_is_trained_and_it_starts_as_the_paper():
+    torch.manual_seed(0)
+    net = build_classifier("resnet50", small_stem=False, num_classes=1000)
+    trained = [name for name, p in net.named_parameters() if p.requires_grad]
+    assert trained == ["fc.weight", "fc.bias"]
+    assert net.fc.weight.shape == (1000, 2048) and torch.all(net.fc.bias == 0)
+    assert abs(net.fc.weight.std().item() - 0.01) < 5e-4 and abs(net.fc.weight.mean().item()) < 5e-4
+
+
+def test_sanity_check_sees_a_changed_weight_or_bn_statistic():
+    backbone = build_encoder("resnet18", 10, mlp=False, small_stem=True)
+    backbone.fc = torch.nn.Identity()
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert changed_tensors(backbone, reference) == []
+    backbone.train()
+    backbone(torch.randn(4, 3, 16, 16))   # train mode: BN running statistics move
+    changed = changed_tensors(backbone, reference)
+    assert "bn1.running_mean" in changed and "layer4.1.bn2.num_batches_tracked" in changed
+    assert not any(name.endswith("weight") for name in changed)
+    backbone.load_state_dict(reference)
+    with torch.no_grad():
+        backbone.layer2[0].conv1.weight[0, 0, 0, 0] += 1e-6
+    assert changed_tensors(backbone, reference) == ["layer2.0.conv1.weight"]
+
+
+def test_top1_and_top5_counts():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 5, 1, 1, 1, 1]])
+    labels = torch.tensor([0, 0, 1])
+    assert correct_counts(logits, labels) == [2, 2]            # row 1: label 0 is the last of six
+    assert correct_counts(logits[:, :3], torch.tensor([2, 0, 2]), (1, 5)) == [0, 3]   # top-5 of 3 classes
+
+
+def test_lincls_presets_are_the_papers_protocol():
+    cfg = C.preset("imagenet", C.LinclsConfig)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.lr_steps, cfg.schedule) == \
+        (30.0, 0.9, 0.0, 100, (60, 80), "step")
+    assert (cfg.batch_size, cfg.res, cfg.crop_min) == (256, 224, 0.08)
+    demo = C.preset("demo", C.LinclsConfig)
+    assert demo.random_baseline and demo.lr == 30.0 and demo.crop_min == 0.08
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--pretrained is required"),
+    (["--pretrained", "/no/such/checkpoint"], "no such checkpoint or run directory"),
+    (["--pretrained", "x", "--set", "lr=0"], "lr=0.0 must be > 0"),
+    (["--pretrained", "x", "--set", "K=10"], "unknown config key 'K'"),
+    (["--pretrained", "x", "--config", "moco-v2"], "neither a preset (imagenet, demo)"),
+    (["--pretrained", "x", "--num-workers", "2:1"], "MIN (2) is larger than MAX (1)"),
+])
+def test_cli_rejects_bad_input_before_ray_starts(argv, message, capsys, tmp_path):
+    import ray
+
+    before = ray.is_initialized()   # an earlier test of the session may have started it
+    assert main(argv + ["--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert ray.is_initialized() == before
+
+
+def pretraining_checkpoint(run_dir, seed=0):
+    """A pretraining run directory with one valid checkpoint of a (random) resnet18 small-stem encoder,
+    written by the real checkpoint module, as moco_ray.train writes it."""
+    torch.manual_seed(seed)
+    encoder = build_encoder("resnet18", 128, mlp=True, small_stem=True)
+    state = {"encoder_q": encoder.state_dict(), "encoder_k": encoder.state_dict(), "optimizer": {},
+             "progress": {"step": 1, "epoch": 1}, "config": {"arch": "resnet18", "small_stem": True}}
+    path = run_dir / checkpoint.dir_name(1, 1)
+    path.mkdir(parents=True)
+    parts = [checkpoint.write_part(path, r, state, KeyQueue(64, 128, r, 2).state_dict()) for r in range(2)]
+    checkpoint.write_manifest(path, parts, {"step": 1})
+    return run_dir
+
+
+@pytest.mark.slow
+def test_linear_protocol_end_to_end_and_resume(ray_session, digits, tmp_path, capsys):
+    pretrained = pretraining_checkpoint(tmp_path / "pre")
+    args = ["--pretrained", str(pretrained), "--storage-path", str(tmp_path), "--name", "lin",
+            "--set", f"data={digits['train']}", "--set", f"val_data={digits['val']}", "--set", "res=16",
+            "--set", "batch_size=64", "--set", "loader_workers=1", "--set", "metrics_port=0",
+            "--set", "eval_every=1", "--set", "report_every=5", "--set", "checkpoint_every_steps=1000"]
+    assert main(args + ["--set", "epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "linear top-1" in out and "sanity check after epochs [1, 2]" in out
+    rows = read_metrics(tmp_path / "lin")
+    end = rows[-1]
+    assert end["event"] == "end" and end["epoch"] == 2 and end["sanity_checked_epochs"] == [1, 2]
+    assert end["lincls_top1"] > 10 + 5, end   # 10 classes: clearly above chance
+    assert end["lincls_top5"] >= end["lincls_top1"] and end["lincls_best_top1"] >= end["lincls_top1"]
+    evals = [r for r in rows if r.get("event") == "epoch"]
+    assert evals and evals[0]["lincls_top1"] is not None   # top-1 after epoch 1 (eval_every=1)
+    checkpoint.verify(end["checkpoint"])
+    saved = torch.load(Path(end["checkpoint"]) / checkpoint.STATE, weights_only=False)
+    assert saved["model"]["fc.weight"].shape == (10, 512)
+
+    # --resume: the next epoch from the last checkpoint, the backbone still the pretrained one
+    assert main(args + ["--resume", "--set", "epochs=3", "--allow-change", "epochs"]) == 0
+    rows = read_metrics(tmp_path / "lin")
+    start = [r for r in rows if r.get("event") == "start"][-1]
+    assert start["resumed_from"] == end["checkpoint"] and start["step"] == end["step"]
+    assert rows[-1]["epoch"] == 3 and rows[-1]["step"] == end["step"] * 3 // 2
+    assert rows[-1]["sanity_checked_epochs"] == [1, 2, 3]
