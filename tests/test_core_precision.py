@@ -134,3 +134,16 @@ def test_precision_config_errors():
         C.for_device(C.load("demo", ["precision=fp16"]), cuda=False)
     cfg = C.for_device(C.load("moco-v2"), cuda=True)
     assert (cfg.precision, cfg.channels_last) == ("bf16", "true")
+
+
+def test_gpu_benchmark_runs_without_ray_or_ffcv():
+    """bench/gpu.py must run where only torch exists: its smoke mode, in a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    run = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ray imported: False, ffcv imported: False" in run.stdout
+    assert "bf16 + channels_last" in run.stdout and "v2 augmentations only" in run.stdout
