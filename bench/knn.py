@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moco_ray import knn  # noqa: E402
+from moco_ray.worker import rss_bytes  # noqa: E402
 
 K, T = 200, 0.1
 
@@ -58,11 +59,6 @@ def new_top1(query, query_y, bank, bank_y, num_classes):
 
 def old_estimate(n, q, dim, num_classes):
     return 3 * n * (4 * dim + 16) + 4 * q * n + 12 * q * K * num_classes
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def available_bytes():

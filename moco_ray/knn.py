@@ -17,9 +17,10 @@ Memory per rank, in bytes, for n bank rows, q queries, features of dimension d (
     one chunk           4 * chunk * (n/W)                 similarities to the shard
                         12 * chunk * k * (W + 2)          local, gathered and merged top-k lists
                         4 * chunk * (C + d)               votes, the broadcast chunk
-Nothing grows with n * q or with k * C. Communication per chunk: a broadcast of chunk x d features
-and an all_gather of W x chunk x k (similarity, label) pairs, so one evaluation receives
-q * (4d + 12 W k) bytes per rank, whatever n is.
+Nothing grows with n * q or with k * C (while `extract` concatenates its batches, it holds the
+shard twice). Communication per chunk: a broadcast of chunk x d features and an all_gather of
+W x chunk x k (similarity, label) pairs, so one evaluation receives q * (4d + 12 W k) bytes per
+rank, whatever n is; the replaced monitor all_gathered the whole bank, n * (4d + 16) bytes.
 
 Ties: neighbours tied in similarity at the k-th place are taken in torch.topk's order; a tie in
 the vote goes to the lowest class index (argmax returns the first maximum).
@@ -61,9 +62,9 @@ def _gather_columns(t, world):
 
 def _local_topk(query, bank, bank_labels, k, scores):
     """This shard's k most similar rows per query, as (similarity, label), padded to k columns with
-    similarity -inf (vote weight 0) where the shard has fewer than k rows. scores: a buffer of
-    at least len(query) x len(bank) rows, reused by every chunk (fresh pages cost more than the
-    product on a CPU)."""
+    similarity -inf (vote weight 0) where the shard has fewer than k rows. scores: a buffer of at
+    least len(query) rows of len(bank), reused by every chunk (on a CPU, fresh pages for every
+    chunk cost more than the product)."""
     sim = torch.mm(query, bank.T, out=scores[:len(query)])
     top, idx = sim.topk(min(k, len(bank)), dim=1)
     labels = bank_labels[idx]

@@ -9,6 +9,7 @@ import torch
 from moco_ray import config as C
 from moco_ray import data as D
 from moco_ray import knn
+from moco_ray.worker import rss_bytes
 from tests.dist_utils import run_gloo
 
 
@@ -52,6 +53,10 @@ def _sharded(rank, world, n, q, k, chunk):
 @pytest.mark.parametrize("world, n, q, k", [(1, 600, 101, 20), (2, 600, 101, 20), (3, 600, 101, 20),
                                             (3, 2, 2, 5)])   # W=3, n=2: an empty shard, a rank without queries, k > n
 def test_sharded_knn_equals_plain_knn(world, n, q, k):
+    """Prediction for prediction. Ties: the features are continuous random float64, so a tie in
+    similarity at the k-th place or between two classes' votes has probability zero; were there
+    one, the plain kNN takes the lower bank row (stable sort) and the lower class (argmax), the
+    sharded one torch.topk's order and the lower class."""
     bank, bank_y, query, query_y = problem(n, q)
     expected = plain_knn(query, bank, bank_y, 7, min(k, n), 0.1)
     out = run_gloo(_sharded, world, n, q, k, 16)
@@ -74,14 +79,9 @@ def test_without_a_process_group_is_one_rank():
                     torch.empty(0, dtype=torch.long), 7)
 
 
-# A million bank features: today's dense kNN would need 5,000 x 1,000,000 x 4 B = 20 GB for the
+# A million bank features: the dense kNN this replaced would need 5,000 x 1,000,000 x 4 B = 20 GB for the
 # similarities alone (and 5,000 x 200 x 1,000 x 12 B = 12 GB for the one-hot vote).
 BIG = dict(n=1_000_000, q=5_000, dim=128, num_classes=1000, k=200, chunk=C.Config().knn_chunk)
-
-
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _big(rank, world, n, q, dim, num_classes, k, chunk):
@@ -90,7 +90,7 @@ def _big(rank, world, n, q, dim, num_classes, k, chunk):
     the code it runs)."""
     tiny = torch.eye(4, dim)
     knn.predict(tiny, tiny, torch.arange(4), num_classes, k=k, t=0.1, chunk=chunk)
-    before = _rss_bytes()
+    before = rss_bytes()
     g = torch.Generator().manual_seed(rank)
     rows, own = len(np.array_split(np.arange(n), world)[rank]), len(np.array_split(np.arange(q), world)[rank])
     bank = torch.randn(rows, dim, generator=g)
