@@ -1,4 +1,5 @@
-"""The one typed config: a flat dataclass with the paper's names, presets, --set parsing, validation.
+"""The one typed config: flat dataclasses with the paper's names (Config: pretraining; LinclsConfig: linear
+evaluation, moco_ray.lincls), presets, --set parsing, validation.
 
 Everything a run needs that is not placement (workers, GPUs, storage) lives here, so the driver,
 the per-worker loop, the sweep and the checkpoint all read the same object.
@@ -16,7 +17,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class Config:
+class RunOptions:
+    """The bookkeeping fields of every run, pretraining (Config) and linear evaluation (LinclsConfig)."""
+    report_every: int = 10        # steps between the metric records rank 0 sends to the driver; 0 = none
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
+    sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Config(RunOptions):
     # data
     data: str = ""                # manifest dir or ImageFolder tree; "" = the embedded digits
     knn_data: str = ""            # labelled held-out split for the kNN monitor; "" = none (or digits val)
@@ -53,18 +67,10 @@ class Config:
     knn_t: float = 0.1
     knn_chunk: int = 256          # kNN queries scored per round (memory: knn_chunk x bank/W similarities)
     knn_bank_per_class: int = 0   # kNN bank: a fixed seeded subset of at most this many train samples per class; 0 = all
-    report_every: int = 10        # steps between the metric records rank 0 sends to the driver; 0 = none
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 3
-    metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
-    sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 @dataclass
-class LinclsConfig:
+class LinclsConfig(RunOptions):
     """Linear classification on frozen features (the paper's protocol, the authors' main_lincls.py).
     The defaults are the paper's ImageNet protocol."""
     pretrained: str = ""          # pretraining checkpoint dir, run dir (its newest valid checkpoint), or a torchvision/moco export
@@ -86,14 +92,6 @@ class LinclsConfig:
     channels_last: str = "auto"   # true | false; auto = true on CUDA
     eval_every: int = 1           # epochs between top-1/top-5 on val_data (and always after the last)
     random_baseline: bool = False # then the same protocol on a randomly initialised encoder (run NAME-random)
-    report_every: int = 10        # steps between the metric records rank 0 sends to the driver; 0 = none
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 3
-    metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
-    sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 PRESETS = {

@@ -37,8 +37,8 @@ def lincls_func(config):
 
 
 def build_classifier(arch, small_stem, num_classes):
-    """A ResNet (the pretraining's encoder, BN statistics as in a torchvision ResNet) whose fc is a new
-    linear layer, N(0, 0.01) weights and zero bias; every other parameter frozen."""
+    """The pretraining's ResNet (moco_ray.model.build_encoder) with a new fc: a linear layer with
+    N(0, 0.01) weights and zero bias, the only parameters that require a gradient."""
     from moco_ray.model import build_encoder
 
     net = build_encoder(arch, num_classes, mlp=False, small_stem=small_stem)
@@ -105,7 +105,8 @@ class LinearEval(Loop):
     def features(self, images):
         """Pooled features of the frozen backbone (eval mode, no graph), in fp32 for the fc."""
         images = images.to(memory_format=precision.memory_format(self.channels_last))
-        with torch.no_grad(), backbone_of(self.net) as backbone, precision.autocast(self.cfg.precision, self.device.type):
+        autocast = precision.autocast(self.cfg.precision, self.device.type)
+        with torch.no_grad(), backbone_of(self.net) as backbone, autocast:
             return backbone(images).float()
 
     def step(self, batch, epochs_done):
@@ -131,10 +132,11 @@ class LinearEval(Loop):
 
         loader = data.make_eval_loader(self.cfg.val_data, batch_size=max(self.b, 64), rank=self.rank,
                                        world_size=self.W, res=self.cfg.res, device=self.device)
-        counts = torch.zeros(3, dtype=torch.long)
+        counts = torch.zeros(3, dtype=torch.long, device=self.device)   # top-1, top-5, images
         for images, labels, _ in loader:
             logits = self.net.fc(self.features(images.to(self.device)))
-            counts += torch.tensor([*correct_counts(logits, labels.to(self.device)), len(labels)])
+            counts += torch.tensor([*correct_counts(logits, labels.to(self.device)), len(labels)],
+                                   device=self.device)
         if self.W > 1:
             dist.all_reduce(counts)
         top1, top5, total = counts.tolist()
@@ -259,8 +261,9 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     try:
+        pretrained = [f"pretrained={args.pretrained}"] if args.pretrained else []
         user_cfg, cfg, workers, storage_path, name = train.plan(
-            args, C.LinclsConfig, ("data", "val_data"), [f"pretrained={args.pretrained}"] if args.pretrained else [])
+            args, C.LinclsConfig, ("data", "val_data"), pretrained, prefix="lincls-")
         # every worker and every restart reads the same checkpoint, whatever the run directory gets later
         cfg = C.apply_overrides(cfg, {"pretrained": str(export.find_checkpoint(cfg.pretrained))})
         export.load_backbone(cfg.pretrained)  # readable, before Ray starts

@@ -81,11 +81,12 @@ def resolve_data(cfg, splits=("data", "knn_data")):
     return cfg
 
 
-def run_dir_name(args, storage_path, cfg):
-    """The run's name; a continued run must run with the config it recorded (see moco_ray.rundir)."""
+def run_dir_name(args, storage_path, cfg, prefix=""):
+    """The run's name (default: PREFIX + CONFIG-TIMESTAMP); a continued run must run with the config
+    it recorded (see moco_ray.rundir)."""
     stem = args.config if args.config in C.PRESETS else Path(args.config).stem
     name, continuing = rundir.resolve(storage_path, args.name, args.resume,
-                                      f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+                                      f"{prefix}{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if continuing:
         rundir.check_config(storage_path / name, cfg.to_dict(), rundir.allowed_changes(args.allow_change))
     return name
@@ -118,14 +119,14 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
                         scaling_config=scaling, run_config=run)
 
 
-def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=()):
+def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=""):
     """Everything checked before Ray starts: (config as given, config with the data resolved,
     workers, storage path, run name). ConfigError on bad input."""
     cfg = C.load(args.config, [*args.set, *overrides], kind)
     workers = parse_workers(args.num_workers)
     C.validate(cfg, max_workers(workers))
     storage_path = Path(args.storage_path).expanduser().resolve()
-    name = run_dir_name(args, storage_path, cfg)
+    name = run_dir_name(args, storage_path, cfg, prefix)
     return cfg, resolve_data(cfg, splits), workers, storage_path, name
 
 

@@ -71,11 +71,21 @@ def test_cli_rejects_bad_input_before_ray_starts(argv, message, capsys, tmp_path
     assert ray.is_initialized() == before
 
 
-def pretraining_checkpoint(run_dir, seed=0):
-    """A pretraining run directory with one valid checkpoint of a (random) resnet18 small-stem encoder,
-    written by the real checkpoint module, as moco_ray.train writes it."""
+def pretraining_checkpoint(run_dir, digits, seed=0):
+    """A pretraining run directory with one valid checkpoint, written by the real checkpoint module as
+    moco_ray.train writes it, of a resnet18 small-stem encoder: random weights, and BatchNorm
+    statistics of the digits (as any trained encoder has), so that its frozen features are usable."""
+    from moco_ray.data import make_eval_loader
+
     torch.manual_seed(seed)
     encoder = build_encoder("resnet18", 128, mlp=True, small_stem=True)
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None   # the cumulative average over the batches below
+    with torch.no_grad():
+        for images, _, _ in make_eval_loader(digits["train"], batch_size=256, rank=0, world_size=1, res=16,
+                                             num_workers=1):
+            encoder(images)
     state = {"encoder_q": encoder.state_dict(), "encoder_k": encoder.state_dict(), "optimizer": {},
              "progress": {"step": 1, "epoch": 1}, "config": {"arch": "resnet18", "small_stem": True}}
     path = run_dir / checkpoint.dir_name(1, 1)
@@ -87,11 +97,12 @@ def pretraining_checkpoint(run_dir, seed=0):
 
 @pytest.mark.slow
 def test_linear_protocol_end_to_end_and_resume(ray_session, digits, tmp_path, capsys):
-    pretrained = pretraining_checkpoint(tmp_path / "pre")
+    pretrained = pretraining_checkpoint(tmp_path / "pre", digits)
     args = ["--pretrained", str(pretrained), "--storage-path", str(tmp_path), "--name", "lin",
             "--set", f"data={digits['train']}", "--set", f"val_data={digits['val']}", "--set", "res=16",
             "--set", "batch_size=64", "--set", "loader_workers=1", "--set", "metrics_port=0",
-            "--set", "eval_every=1", "--set", "report_every=5", "--set", "checkpoint_every_steps=1000"]
+            "--set", "eval_every=1", "--set", "report_every=5", "--set", "checkpoint_every_steps=1000",
+            "--set", "random_baseline=false"]
     assert main(args + ["--set", "epochs=2"]) == 0
     out = capsys.readouterr().out
     assert "linear top-1" in out and "sanity check after epochs [1, 2]" in out
