@@ -113,6 +113,9 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         callbacks=[*callbacks, ProgressCallback(run_log)],
+        # Ray Train's own INFO lines (worker-group start, every checkpoint upload) stay in the
+        # session's log files; the console gets our lines (the RunLog's) and warnings
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
     config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(Path(storage_path) / name)}
     return TorchTrainer(loop or train_func, train_loop_config=config,

@@ -105,8 +105,9 @@ def test_driver_killed_then_the_same_command_continues(digits, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     # Its own session (process group): the kill takes the driver and the local Ray it started.
-    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=log,
+                              stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -114,13 +115,15 @@ def test_driver_killed_then_the_same_command_continues(digits, tmp_path):
             saved = [r["step"] for r in rows if r.get("checkpoint")]
             if saved and max(r.get("step") or 0 for r in rows) >= saved[-1] + 3:
                 break  # steps past the newest checkpoint: the continuation redoes them
-            assert driver.poll() is None, "the driver ended before the kill"
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.2)
         else:
             raise AssertionError("no checkpoint within 300 s")
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # its session: the driver and its local Ray
         driver.wait()
+        log.close()
     killed_at = max(r.get("step") or 0 for r in read_metrics(run_dir))
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -187,6 +190,7 @@ def test_cli_console_is_quiet_and_per_step_records_skip_ray_train_report(digits,
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-3000:]
     assert console.count("Reporting training result") == 0 and "TrainingReport(" not in console
+    assert "Checkpoint successfully created" not in console  # Ray Train's INFO lines stay in its logs
     assert "[moco_ray] started: world size 2" in console and "[moco_ray] summary" in console
     rows = read_metrics(tmp_path / "quiet")
     assert [r["step"] for r in rows if r.get("event") == "step" and r["checkpoint"] is None] == list(range(1, 13))
