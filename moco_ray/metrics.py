@@ -181,7 +181,7 @@ class WorkerMetrics:
 
 def markdown_table():
     """The vocabulary as the README documents it."""
-    rows = ["| Prometheus sample | type | unit | `ray.train.report` key | meaning |", "|---|---|---|---|---|"]
+    rows = ["| Prometheus sample | type | unit | record key | meaning |", "|---|---|---|---|---|"]
     for m in VOCABULARY:
         sample = m.samples[0] if m.kind != "histogram" else m.name + "_{bucket,sum,count}"
         rows.append(f"| `{sample}` | {m.kind} | {m.unit} | `{m.key}` | {m.help} |")

@@ -235,3 +235,10 @@ def test_a_slow_or_dead_run_log_never_blocks_the_publisher(ray_session, tmp_path
     publisher.drain(timeout_s=5)
     assert len((tmp_path / "dead" / METRICS_FILE).read_text().splitlines()) == 1
     ray.kill(slow)
+
+
+def test_readme_lists_the_vocabulary_as_python_m_moco_ray_metrics_prints_it():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert M.markdown_table() in readme
