@@ -40,12 +40,13 @@ COPY tune ./tune
 COPY data_prep ./data_prep
 RUN pip install .
 
-# uid/gid 1000 is the runAsUser/runAsGroup of every pod in k8s/. The pods mount emptyDirs over
-# /tmp, /home/ray and /dev/shm and keep the rest of the filesystem read-only.
-RUN groupadd --gid 1000 ray \
-    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/ray --shell /bin/bash ray
+# uid/gid 10000 is the runAsUser/runAsGroup of every pod in k8s/: at or above 10000, so that it is
+# no user of the host (checkov CKV_K8S_40). The pods mount emptyDirs over /tmp, /home/ray and
+# /dev/shm and keep the rest of the filesystem read-only.
+RUN groupadd --gid 10000 ray \
+    && useradd --uid 10000 --gid 10000 --create-home --home-dir /home/ray --shell /bin/bash ray
 # numba (ffcv) caches compiled functions next to their source unless told otherwise, and
-# site-packages is not writable by uid 1000.
+# site-packages is not writable by uid 10000.
 ENV HOME=/home/ray \
     NUMBA_CACHE_DIR=/tmp/numba-cache
-USER 1000:1000
+USER 10000:10000

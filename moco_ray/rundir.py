@@ -60,8 +60,8 @@ def resolve(storage_path, name, resume, default_name, what="run"):
     return default_name or time.strftime("run-%Y%m%d-%H%M%S"), False
 
 
-def _plain(config):
-    """The config as JSON would give it back (tuples become lists), so that the two compare."""
+def plain(config):
+    """A config (or value) as JSON gives it back (tuples become lists), so that two compare."""
     return json.loads(json.dumps(config, default=str))
 
 
@@ -82,7 +82,7 @@ def check_config(run_dir, config, allowed=()):
     recorded = recorded_config(run_dir)
     if recorded is None:
         return
-    config = _plain(config)
+    config = plain(config)
     unknown = set(allowed) - set(config)
     if unknown:
         raise ConfigError(f"--allow-change: unknown config key(s) {', '.join(sorted(unknown))}")
@@ -99,7 +99,7 @@ def record_config(run_dir, config):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(_plain(config), indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(plain(config), indent=1, sort_keys=True))
     os.replace(tmp, run_dir / CONFIG_FILE)
 
 

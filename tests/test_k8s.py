@@ -551,8 +551,7 @@ def test_gpu_worker_group_matches_the_elastic_jobs(objects):
     for name in (PRETRAIN_JOB, SWEEP_JOB):
         job = rayjob(objects, name)["spec"]
         assert job["clusterSelector"] == {"ray.io/cluster": cluster_name}
-        assert "rayClusterSpec" not in job and not job.get("backoffLimit"), \
-            f"{name}: a RayJob retry would resubmit the run without --resume"
+        assert "rayClusterSpec" not in job
 
 
 def test_gpu_worker_pods(objects):
@@ -653,6 +652,39 @@ def test_every_container_has_requests_and_limits(objects):
             limit = resources.get("limits", {}).get(kind)
             assert request is not None and limit is not None, f"{where}: {kind} request and limit"
             assert quantity(request) <= quantity(limit), f"{where}: {kind} request above its limit"
+
+
+def test_training_jobs_can_be_retried_blindly(objects):
+    """Every submission of a training job continues its run (--resume auto), so its submitter is
+    retried (submitterConfig.backoffLimit). Never spec.backoffLimit: with clusterSelector a RayJob
+    retry deletes the shared RayCluster (kuberay#4516), and newer operators reject the pair."""
+    jobs = [j for j in objects if j["kind"] == "RayJob"
+            and JOB_MODULES.get(j["metadata"]["name"]) in ("moco_ray.train", "tune.sweep", "moco_ray.lincls")]
+    assert {j["metadata"]["name"] for j in jobs} >= {PRETRAIN_JOB, SWEEP_JOB}
+    for job in jobs:
+        name, spec = job["metadata"]["name"], job["spec"]
+        assert flags(spec["entrypoint"]).get("--resume") == "auto", f"{name}: a resubmission must continue the run"
+        assert spec.get("submitterConfig", {}).get("backoffLimit", 0) >= 1, f"{name}: no submitter retries"
+        assert spec.get("clusterSelector") and not spec.get("backoffLimit"), \
+            f"{name}: spec.backoffLimit with clusterSelector would delete the shared RayCluster"
+    text = "\n".join(p.read_text() for p in K8S_DIR.glob("*-rayjob-*.yaml"))
+    assert "add --resume" not in text, "a comment still asks for a hand edit of the entrypoint"
+
+
+def test_every_container_runs_as_a_high_uid(objects):
+    """uid and gid >= 10000 in the image and in every container, the autoscaler sidecar included
+    (checkov CKV_K8S_40: no clash with the users of the host)."""
+    uid, gid = dockerfile_user()
+    assert uid >= 10000 and gid >= 10000, f"the image runs as {uid}:{gid}"
+    for where, c, pod in containers(objects):
+        effective = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+        assert effective["runAsUser"] >= 10000 and effective["runAsGroup"] >= 10000, where
+        assert pod.get("securityContext", {}).get("fsGroup", 10000) >= 10000, where
+
+
+def test_autoscaling_head_says_why_it_keeps_its_token():
+    head = (K8S_DIR / "20-raycluster.yaml").read_text().split("headGroupSpec:")[1].split("containers:")[0]
+    assert "automountServiceAccountToken" in head and "token" in head and "autoscaler" in head
 
 
 def test_service_account_has_no_rights_and_no_token(objects):

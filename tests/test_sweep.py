@@ -280,3 +280,6 @@ def test_resume_after_interruption_completes_without_rerunning(ray_session, tiny
     starts = [json.loads(line) for line in open(first / "train" / "metrics.jsonl")]
     assert sum(r.get("event") == "start" for r in starts) == 1
     assert wait_for_cpus(ray_session, 2) == 2
+    # --resume auto continues only the same sweep: other arguments are one-line errors naming them
+    other = [a if a != "0.2,0.3" else "0.2,0.4" for a in args]
+    assert sweep.main([*other, "--resume", "auto"]) == 2

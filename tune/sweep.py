@@ -4,6 +4,7 @@
     python -m tune.sweep --config moco-v2 --tau loguniform:0.05:0.5 --m choice:0.99,0.999,0.9999 \\
         --search random --num-samples 12 --workers-per-trial 4 --address auto --storage-path /mnt/runs
     python -m tune.sweep --name NAME --storage-path DIR --resume        # continue an interrupted sweep
+    python -m tune.sweep --resume auto --name NAME --tau .. --m ..      # continue it if it exists, else start it
 
 A value list `a,b,c` is a grid (`--search grid`, the default) or a choice (`--search random`);
 `choice:a,b`, `grid:a,b`, `uniform:LO:HI` and `loguniform:LO:HI` name the distribution explicitly.
@@ -191,12 +192,17 @@ def build_parser():
     p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
                    help="where the sweep, its trials' runs and checkpoints are stored (shared on a cluster)")
     p.add_argument("--name", default=None, help="sweep name (default: sweep-CONFIG-TIMESTAMP)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted sweep --name (default: the newest sweep)")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None, metavar="auto",
+                   help="continue the interrupted sweep --name (default: the newest sweep); `--resume auto`: "
+                        "continue it if it exists (with the same arguments), start it otherwise")
     return p
 
 
 def _sweep_name(args, storage_path):
+    if args.resume == "auto":
+        if not args.name:
+            raise C.ConfigError("--resume auto needs --name: the sweep to continue or to start")
+        return args.name
     if args.name:
         exists = (storage_path / args.name).exists()
         if exists and not args.resume:
@@ -222,6 +228,10 @@ def plan(args):
     storage_path = Path(args.storage_path).expanduser().resolve()
     name = _sweep_name(args, storage_path)
     path = storage_path / name
+    if args.resume == "auto":
+        fresh = plan(argparse.Namespace(**{**vars(args), "resume": None, "name": None}))
+        fresh.update(name=name, experiment_path=str(path))
+        return _continue_or_start(path, fresh)
     if args.resume:
         given = [f for f, v in (("--tau", args.tau), ("--m", args.m), ("--set", args.set)) if v]
         if given:
@@ -279,6 +289,28 @@ def plan(args):
         max_concurrent=args.max_concurrent, workers=list(workers) if isinstance(workers, tuple) else workers,
         max_failures=args.max_failures, metric=args.metric, mode=METRICS[args.metric],
         use_gpu_flag=args.use_gpu, use_gpu=None, resume=False)
+
+
+# What a continuation (--resume auto) must share with the sweep it continues.
+SAME_SWEEP = ("config", "set", "tau", "m", "search", "num_samples", "scheduler", "grace_period",
+              "reduction_factor", "workers", "metric")
+
+
+def _continue_or_start(path, fresh):
+    """--resume auto: the stored sweep at `path` if Tune can restore it (the arguments must be the
+    ones it started with), else `fresh`, started there."""
+    from ray.tune import Tuner
+
+    from moco_ray import rundir
+
+    if not ((path / SPEC_FILE).is_file() and Tuner.can_restore(str(path))):
+        return fresh
+    stored = json.loads((path / SPEC_FILE).read_text())
+    differ = [k for k in SAME_SWEEP if rundir.plain(stored.get(k)) != rundir.plain(fresh.get(k))]
+    if differ:
+        raise C.ConfigError(f"--resume auto: sweep {path.name!r} was started with other arguments: "
+                            + ", ".join(f"{k} {stored.get(k)!r} -> {fresh.get(k)!r}" for k in differ))
+    return dict(stored, resume=True)
 
 
 def _ray_running():
