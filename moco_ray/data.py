@@ -211,23 +211,18 @@ def _feed_order():
 
 
 def _pipelines(kind, res, scale=CROP_SCALE):
-    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
-                                      RandomResizedCropRGBImageDecoder)
-    from ffcv.pipeline import PipelineSpec
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from moco_ray.two_views import TwoViewRandomResizedCrop
 
     ints = {M.LABEL: [IntDecoder(), ToTensor()], M.ID: [IntDecoder(), ToTensor()]}
     if kind == "eval":
         return {M.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP), ToTensor(),
                           ToTorchImage()], **ints}
 
-    def view():  # fresh op instances per view: ffcv ops keep state and must not be shared
-        return RandomResizedCropRGBImageDecoder((res, res), scale=scale), [
-            RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
-
-    (dec_q, ops_q), (dec_k, ops_k) = view(), view()
-    return {M.IMAGE: [dec_q, *ops_q], **ints,
-            "image_k": PipelineSpec(M.IMAGE, decoder=dec_k, transforms=ops_k)}
+    # both views from one decode: (B, 2, res, res, 3) uint8, view q then view k (see two_views)
+    return {M.IMAGE: [TwoViewRandomResizedCrop((res, res), scale=scale), ToTensor()], **ints}
 
 
 def _stat_key(path):
@@ -343,7 +338,6 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
     streams = {s: _ShardStream(_shard_loader(man, s, local[shard == s].astype(np.uint64), kind, res,
                                              chunk, num_workers, scale))
                for s in np.unique(shard)}
-    views = [M.IMAGE] if kind == "eval" else [M.IMAGE, "image_k"]
     pin = device.type == "cuda"   # pinned host memory: the copy to the GPU overlaps
     try:
         pos = 0
@@ -367,8 +361,9 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
                 raise RuntimeError(f"{path}: the shards do not match the manifest "
                                    f"(expected ids {want[:5]}..., read {sid[:5].tolist()}...)")
             pos += size
-            images = [out[v].pin_memory() if pin else out[v] for v in views]
-            yield images, label, sid
+            images = out[M.IMAGE].pin_memory() if pin else out[M.IMAGE]
+            # train: (B, 2, H, W, 3) -> view q, view k as (B, 3, H, W) (channels-last views)
+            yield (images,) if kind == "eval" else images.permute(1, 0, 4, 2, 3).unbind(0), label, sid
     finally:
         for stream in streams.values():
             stream.close()
