@@ -4,6 +4,7 @@ moco_ray.worker.train_func.
     python -m moco_ray.train                                   # demo: digits, local Ray, 2 CPU workers
     python -m moco_ray.train --config moco-v2 --num-workers 4:16 --set data=/data/in1k/train
     ray job submit --working-dir . -- python -m moco_ray.train --config moco-v2 ...
+    python -m moco_ray.train --config moco-v2 ... --name RUN --resume auto   # continue RUN, or start it
 """
 import argparse
 import os
