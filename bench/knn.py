@@ -108,6 +108,8 @@ def main():
         sizes = [int(v) for v in args.n.split(",")]
     except ValueError:
         p.exit(2, f"error: --n expects comma-separated integers, got {args.n!r}\n")
+    if min(sizes + [args.queries]) < world or min(args.dim, args.classes) < 1:
+        p.exit(2, f"error: bank sizes and --queries must be >= {world} (one per rank), --dim and --classes >= 1\n")
     print(f"W={world}, q={args.queries}, d={args.dim}, C={args.classes}, k={K}, "
           f"knn_chunk={knn.CHUNK}; times in s, peaks in MiB per rank")
     print(f"{'n':>9} | {'old s':>7} {'new s':>7} | {'old peak':>9} {'new peak':>9} {'formula':>8} | "
