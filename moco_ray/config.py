@@ -110,9 +110,11 @@ PRESETS = {
         arch="resnet18", small_stem=True, res=16, aug="v2", mlp=True, head_bn=True, crop_min=0.5,
         T=0.2, K=512, m=0.99, batch_size=64, lr=0.12, epochs=30, schedule="cosine", knn_every=10,
         report_every=5, checkpoint_every_steps=100, keep_checkpoints=2, loader_workers=1,
-        metrics_port=0,
+        metrics_port=0, bn_splits=2,
     ),
 }
+# bn_splits=2 (demo): one worker (each trial of a demo sweep) normalises 2 sub-batches of 32, as
+# each of the 2 shuffle-BN workers of `make demo` does (8 sub-batches of 8 learned more slowly).
 
 LINCLS_PRESETS = {
     "imagenet": {},   # the defaults: 100 epochs, lr 30 per 256, /10 at 60 and 80

@@ -22,7 +22,7 @@ from moco_ray import checkpoint, config as C
 from moco_ray import train as moco_train
 from tune import sweep
 from tune.callbacks import FreshMetricCallback
-from tune.results import BEST_FILE, HEATMAP_FILE, RESULTS_FILE
+from tune.results import BASELINE, BEST_FILE, BY_M_FILE, CURVES_FILE, HEATMAP_FILE, RESULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 32, 10
@@ -196,9 +196,15 @@ def test_grid_of_four_trials_writes_table_yaml_heatmap(ray_session, tiny, tmp_pa
         assert (state["config"]["T"], state["config"]["m"]) == (row.tau, row.m)
         assert state["config"]["batch_size"] == 32 and state["progress"]["epoch"] == 1
 
-    image = Image.open(path / HEATMAP_FILE)
-    assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
-    assert len(set(image.convert("L").getdata())) > 10              # not a blank canvas
+    for name in (HEATMAP_FILE, BY_M_FILE, CURVES_FILE):
+        image = Image.open(path / name)
+        assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
+        assert len(set(image.convert("L").getdata())) > 10          # not a blank canvas
+    # the baseline: the same random-init kNN in every trial (same seed and encoder), printed with it
+    assert df[BASELINE].between(0, 100).all() and df[BASELINE].nunique() == 1
+    assert f"random-init kNN top-1 (the encoder before training): {df[BASELINE].iloc[0]:.4g}" in out
+    for row in df.itertuples():                                     # one kNN point per epoch
+        assert [list(p) for p in row.curve] == [[1, row.knn_top1_last]]
 
     top = df[df.knn_top1_last == df.knn_top1_last.max()]
     cfg = C.load(str(path / BEST_FILE))
@@ -270,6 +276,9 @@ def test_resume_after_interruption_completes_without_rerunning(ray_session, tiny
     first_results = (first / "result.json").read_bytes()
     assert wait_for_cpus(ray_session, 2) == 2
 
+    # --resume auto continues only the same sweep: other arguments are one-line errors naming them
+    other = [a if a != "0.2,0.3" else "0.2,0.4" for a in args]
+    assert sweep.main([*other, "--resume", "auto"]) == 2
     assert sweep.main(["--resume", "--name", "resume", "--storage-path", str(tmp_path)]) == 0
     after = read_results(path)
     assert len(after) == 2 and (after.status == "TERMINATED").all() and not after.stopped_early.any()
@@ -280,6 +289,30 @@ def test_resume_after_interruption_completes_without_rerunning(ray_session, tiny
     starts = [json.loads(line) for line in open(first / "train" / "metrics.jsonl")]
     assert sum(r.get("event") == "start" for r in starts) == 1
     assert wait_for_cpus(ray_session, 2) == 2
-    # --resume auto continues only the same sweep: other arguments are one-line errors naming them
-    other = [a if a != "0.2,0.3" else "0.2,0.4" for a in args]
-    assert sweep.main([*other, "--resume", "auto"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The momentum ablation (README, "Sweeps"), cut to two trials
+# ----------------------------------------------------------------------------------------------------
+
+ABLATION_EPOCHS = 5
+
+
+@pytest.mark.slow
+def test_momentum_ablation_m0_ends_below_m099(digits, tmp_path):
+    """The README's ablation command with m=0 and m=0.99 only, on the demo sweep's trials (one worker,
+    split-BN, two at a time) cut to ABLATION_EPOCHS epochs, through the CLI with its own local Ray.
+    The ordering asserted is the one the README reports over seeds."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    args = ["--config", "demo", "--tau", "0.2", "--m", "0,0.99", "--scheduler", "fifo",
+            "--storage-path", str(tmp_path), "--name", "ablation"]
+    for s in (f"data={digits['train']}", f"knn_data={digits['val']}", f"epochs={ABLATION_EPOCHS}",
+              f"knn_every={ABLATION_EPOCHS}"):
+        args += ["--set", s]
+    run = subprocess.run([sys.executable, "-m", "tune.sweep", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    df = read_results(tmp_path / "ablation").set_index("m")
+    assert (df.epochs == ABLATION_EPOCHS).all()
+    assert df.loc[0.99, "knn_top1_last"] > df.loc[0.0, "knn_top1_last"], df

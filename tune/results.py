@@ -1,4 +1,6 @@
-"""A sweep's results: the table (printed, and saved as parquet), the best config as YAML, the heatmap."""
+"""A sweep's results: the table (printed, and saved as parquet), the best config as YAML, the heatmap,
+the metric against m, and each trial's curve over epochs. kNN top-1 is shown next to its baseline:
+the same kNN on the randomly initialised encoder (each trial measures it before its first step)."""
 import math
 from pathlib import Path
 
@@ -7,6 +9,9 @@ from moco_ray import config as C
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
 HEATMAP_FILE = "heatmap.png"
+BY_M_FILE = "by_m.png"
+CURVES_FILE = "curves.png"
+BASELINE = "knn_init_top1"
 
 
 def _number(v):
@@ -15,6 +20,26 @@ def _number(v):
     except (TypeError, ValueError):
         return math.nan
     return v
+
+
+def _curve(df, metric):
+    """[(epoch, value)] of one trial's results, one point per epoch (the last, after a restart)."""
+    if df is None or metric not in df or "epoch" not in df:
+        return []
+    points = {}
+    for epoch, value in zip(df["epoch"], df[metric]):
+        if not (math.isnan(_number(epoch)) or math.isnan(_number(value))):
+            points[int(epoch)] = float(value)
+    return sorted(points.items())
+
+
+def baseline(rows, spec):
+    """The random-init kNN top-1 of the trials (one value: they share the seed and the encoder), or
+    None when the metric is not kNN top-1."""
+    values = [r[BASELINE] for r in rows if not math.isnan(r[BASELINE])]
+    if spec["metric"] != "knn_top1" or not values:
+        return None
+    return sum(values) / len(values)
 
 
 def collect(path, spec):
@@ -28,9 +53,8 @@ def collect(path, spec):
     for trial in analysis.trials:
         last = trial.last_result or {}
         df = frames.get(trial.trial_id)
-        values = []
-        if df is not None and metric in df:
-            values = [v for v in (_number(x) for x in df[metric]) if not math.isnan(v)]
+        curve = _curve(df, metric)
+        values = [v for _, v in curve]
         best = (max if mode == "max" else min)(values) if values else math.nan
         finished = last.get("event") == "end"
         rows.append({
@@ -43,7 +67,9 @@ def collect(path, spec):
             "stopped_early": trial.status == "TERMINATED" and not finished,
             "status": trial.status,
             "wall_s": _number(last.get("time_total_s")),
+            BASELINE: _number(last.get(BASELINE)),
             "checkpoint": last.get("checkpoint_path") or "",
+            "curve": [list(point) for point in curve],
         })
     rows.sort(key=lambda r: (r["tau"], r["m"], r["trial_id"]))
     return rows
@@ -71,22 +97,39 @@ def write(path, spec, rows):
         cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]), {"T": best["tau"], "m": best["m"]})
         C.dump(cfg, path / BEST_FILE)
     heatmap(rows, spec, path / HEATMAP_FILE)
+    by_m(rows, spec, path / BY_M_FILE)
+    curves(rows, spec, path / CURVES_FILE)
     return best
 
 
-def heatmap(rows, spec, out):
-    """The metric (each trial's last value, as the best config is chosen) over tau x m: a grid of cells for grid-like sweeps (repeats
-    averaged), a scatter for sampled values."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cell_label(value, base):
+    """A heatmap cell: the value, and its distance from the random-init baseline."""
+    return f"{value:.3g}" if base is None else f"{value:.3g}\n({value - base:+.1f})"
+
+
+def heatmap(rows, spec, out):
+    """The metric (each trial's last value, as the best config is chosen) over tau x m: a grid of
+    cells for grid-like sweeps (repeats averaged), a scatter for sampled values. The colour scale
+    includes the random-init kNN, marked on the colour bar; each cell shows its distance to it."""
     import numpy as np
 
+    plt = _pyplot()
     metric = spec["metric"]
     key = f"{metric}_last"
+    base = baseline(rows, spec)
     taus = sorted({r["tau"] for r in rows})
     ms = sorted({r["m"] for r in rows})
+    values = [r[key] for r in rows if not math.isnan(r[key])] + ([base] if base is not None else [])
+    scale = dict(vmin=min(values), vmax=max(values)) if values else {}
     fig, ax = plt.subplots(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), dpi=110)
     cmap = "viridis" if spec["mode"] == "max" else "viridis_r"
     if len(taus) * len(ms) <= 144:
@@ -100,29 +143,82 @@ def heatmap(rows, spec, out):
                     grid[i, j] = sum(vals) / len(vals)
                 if cell and all(r["stopped_early"] for r in cell):
                     stopped[i, j] = f"stopped @ epoch {max(r['epochs'] for r in cell)}"
-        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="lower", aspect="auto")
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="lower", aspect="auto", **scale)
         ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
         ax.set_yticks(range(len(ms)), [f"{m:g}" for m in ms])
-        finite = grid[np.isfinite(grid)]
-        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
-        for i in range(len(ms)):
-            for j in range(len(taus)):
-                if np.isnan(grid[i, j]):
-                    label, colour = "-", "black"
-                else:
-                    label = f"{grid[i, j]:.3g}" + (f"\n{stopped[i, j]}" if stopped[i, j] else "")
-                    bright = (grid[i, j] > middle) == (spec["mode"] == "max")
-                    colour = "black" if bright else "white"
-                ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=9)
+        middle = (scale["vmin"] + scale["vmax"]) / 2 if scale else 0
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isnan(v):
+                label, colour = "-", "black"
+            else:
+                label = _cell_label(v, base) + (f"\n{stopped[i, j]}" if stopped[i, j] else "")
+                colour = "black" if (v > middle) == (spec["mode"] == "max") else "white"
+            ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=9)
     else:
         pts = [r for r in rows if not math.isnan(r[key])]
         image = ax.scatter([r["tau"] for r in pts], [r["m"] for r in pts], c=[r[key] for r in pts],
-                           cmap=cmap, s=60, edgecolors="black")
+                           cmap=cmap, s=60, edgecolors="black", **scale)
         ax.set_xscale("log")
-    fig.colorbar(image, ax=ax, label=metric)
+    bar = fig.colorbar(image, ax=ax, label=metric)
+    if base is not None:
+        bar.ax.axhline(base, color="red", linewidth=2)
     ax.set_xlabel("temperature tau (T)")
     ax.set_ylabel("momentum m")
-    ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial")
+    ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial"
+                 + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _baseline_line(ax, base):
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle="--", label=f"random init {base:.4g}")
+
+
+def by_m(rows, spec, out):
+    """The metric (last value; repeats averaged) against m, one line per tau: the momentum ablation.
+    m is placed by rank (0, 0.9, 0.99, ... evenly spaced), since 1 - m spans decades."""
+    plt = _pyplot()
+    key = f"{spec['metric']}_last"
+    ms = sorted({r["m"] for r in rows})
+    fig, ax = plt.subplots(figsize=(1.2 * max(len(ms), 4) + 2, 4), dpi=110)
+    for tau in sorted({r["tau"] for r in rows}):
+        xs, ys = [], []
+        for i, m in enumerate(ms):
+            vals = [r[key] for r in rows if r["tau"] == tau and r["m"] == m and not math.isnan(r[key])]
+            if vals:
+                xs.append(i)
+                ys.append(sum(vals) / len(vals))
+        ax.plot(xs, ys, marker="o", label=f"tau {tau:g}")
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    _baseline_line(ax, baseline(rows, spec))
+    ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms])
+    ax.set_xlabel("momentum m")
+    ax.set_ylabel(f"{spec['metric']} (last)")
+    ax.set_title(f"{spec['name']}: {spec['metric']} against m", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def curves(rows, spec, out):
+    """Each trial's metric over epochs; kNN curves start at epoch 0 with the random-init value."""
+    plt = _pyplot()
+    base = baseline(rows, spec)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in rows:
+        points = ([[0, r[BASELINE]]] if base is not None and not math.isnan(r[BASELINE]) else []) + list(r["curve"])
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                    label=f"tau {r['tau']:g}, m {r['m']:g}" + (" (stopped)" if r["stopped_early"] else ""))
+    _baseline_line(ax, base)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(spec["metric"])
+    ax.set_title(f"{spec['name']}: {spec['metric']} of each trial over epochs", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -133,7 +229,7 @@ def table(rows, spec):
 
     if not rows:
         return "(no trials)"
-    df = pd.DataFrame(rows).drop(columns=["checkpoint"])
+    df = pd.DataFrame(rows).drop(columns=["checkpoint", "curve"])
     return df.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -143,6 +239,11 @@ def summary(path, spec, rows, wall):
     if best is not None:
         lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} {spec['metric']} "
                      f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
+    base = baseline(rows, spec)
+    if base is not None:
+        gain = f"; the best trial is {best[spec['metric'] + '_last'] - base:+.2f} points above it" if best else ""
+        lines.append(f"[sweep] random-init kNN top-1 (the encoder before training): {base:.4g}{gain}")
     path = Path(path)
-    lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}")
+    lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "
+                 f"{path / BY_M_FILE}, {path / CURVES_FILE}")
     return "\n".join(lines)

@@ -360,7 +360,8 @@ def start_ray(spec, address):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # One logical CPU more than the machine has, for the trial drivers (TRIAL_CPU each, idle while
         # their TorchTrainer runs), so that a trial can use every core for its workers.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
+        # "local": never join a cluster that `ray start` left behind
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
 
@@ -450,7 +451,8 @@ def main(argv=None):
     print(f"[sweep] {'resuming' if spec['resume'] else 'starting'} {spec['name']} in {spec['storage_path']}: "
           f"tau {spec['tau']}, m {spec['m']}, {spec['search']} search, {spec['scheduler']} on "
           f"{spec['metric']} ({spec['mode']}), {spec['workers']} worker(s) per trial on "
-          f"{'GPU' if spec['use_gpu'] else 'CPU'}, up to {max_concurrent} at once", flush=True)
+          f"{'GPU' if spec['use_gpu'] else 'CPU'}, up to {max_concurrent} at once, {spec['cfg']['epochs']} "
+          f"epochs each", flush=True)
 
     t0 = time.perf_counter()
     build_tuner(spec, max_concurrent).fit()
