@@ -221,7 +221,7 @@ def _pipelines(kind, res, scale=CROP_SCALE):
         return {M.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP), ToTensor(),
                           ToTorchImage()], **ints}
 
-    # both views from one decode: (B, 2, res, res, 3) uint8, view q then view k (see two_views)
+    # both views from one decode: (B, 2, 3, res, res) uint8, view q then view k (see two_views)
     return {M.IMAGE: [TwoViewRandomResizedCrop((res, res), scale=scale), ToTensor()], **ints}
 
 
@@ -362,8 +362,8 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
                                    f"(expected ids {want[:5]}..., read {sid[:5].tolist()}...)")
             pos += size
             images = out[M.IMAGE].pin_memory() if pin else out[M.IMAGE]
-            # train: (B, 2, H, W, 3) -> view q, view k as (B, 3, H, W) (channels-last views)
-            yield (images,) if kind == "eval" else images.permute(1, 0, 4, 2, 3).unbind(0), label, sid
+            # train: (B, 2, 3, H, W) -> view q, view k, each (B, 3, H, W)
+            yield (images,) if kind == "eval" else images.unbind(1), label, sid
     finally:
         for stream in streams.values():
             stream.close()

@@ -4,7 +4,9 @@ ffcv's stock RandomResizedCropRGBImageDecoder decodes the whole JPEG for every c
 two views of one image cost two decodes. `TwoViewRandomResizedCrop` decodes each image once and
 cuts both views from that decode, each with its own RandomResizedCrop (ffcv's `get_random_crop`,
 the same distribution as torchvision's RandomResizedCrop.get_params) and its own horizontal flip.
-Its output per sample is (2, H, W, 3) uint8: view q, then view k.
+Its output per sample is (2, 3, H, W) uint8: view q, then view k, each in torch's CHW layout (the
+transpose from OpenCV's HWC, with the flip, happens here in the loader's threads: a float
+conversion of channels-last views on the training thread cost 3x that of CHW ones).
 
 DCT scaling. libjpeg-turbo can decode at 1/2, 1/4 or 1/8 of the stored size for a fraction of
 the cost of a full decode (the inverse DCT is cut short). The decoder takes the smallest scale
@@ -16,11 +18,13 @@ to the nearest multiple of d stored pixels (a view's area moves by under 1%, sin
 own error (OpenCV INTER_AREA against torchvision's antialiased bilinear) is 1.6-2.2; a 1/d view
 differs from the full decode's by 0.8-1.0 with DCT_MARGIN 2, but by 1.3-2.7 with margin 1.
 
-Memory per loader: batch x (2 x H x W x 3) output + batch x (largest stored H x W x 3) decode
-buffer, as ffcv's decoders (one decode buffer per sample of a batch, whatever d).
+Memory per loader: batch x (2 x 3 x H x W) output + batch x (largest stored H x W x 3) decode
+buffer, as ffcv's decoders (one decode buffer per sample of a batch, whatever d), + batch x
+(H x W x 3) for the resized view before its transpose.
 
-Test hook: with record=True each view gets one extra image row that holds its parameters
-(i, j, h, w in stored pixels, flip, d) as little-endian uint16; `split_recorded` takes them off.
+Test hook: with record=True each view gets one extra row (in its first plane) that holds its
+parameters (i, j, h, w in stored pixels, flip, d) as little-endian uint16; `split_recorded` takes
+them off.
 """
 from dataclasses import replace
 
@@ -52,15 +56,14 @@ def scaled_span(start, size, d, full):
     return lo, hi, lo * d, min(hi * d, full) - lo * d
 
 
-def flip_columns(img):
-    """Mirrors an (H, W, 3) image left-right in place."""
-    w = img.shape[1]
-    for c in range(w // 2):
-        for r in range(img.shape[0]):
-            for ch in range(3):
-                t = img[r, c, ch]
-                img[r, c, ch] = img[r, w - 1 - c, ch]
-                img[r, w - 1 - c, ch] = t
+def to_planes(view, planes, flip):
+    """planes[c, r, x] = view[r, x, c], mirrored left-right if flip: (H, W, 3) -> (3, H, W)."""
+    w = view.shape[1]
+    for r in range(view.shape[0]):
+        for x in range(w):
+            src = w - 1 - x if flip else x
+            for c in range(3):
+                planes[c, r, x] = view[r, src, c]
 
 
 def write_params(row, params):
@@ -72,11 +75,11 @@ def write_params(row, params):
 
 
 def split_recorded(out):
-    """(B, 2, H + 1, W, 3) uint8 of a record=True decoder -> (views (B, 2, H, W, 3),
+    """(B, 2, 3, H + 1, W) uint8 of a record=True decoder -> (views (B, 2, 3, H, W),
     params (B, 2, len(PARAMS)) int64, in the order of PARAMS)."""
     out = np.asarray(out)
-    raw = out[:, :, -1].reshape(*out.shape[:2], -1)[..., :2 * len(PARAMS)].astype(np.int64)
-    return out[:, :, :-1], raw[..., 0::2] + 256 * raw[..., 1::2]
+    raw = out[:, :, 0, -1, :2 * len(PARAMS)].astype(np.int64)
+    return out[:, :, :, :-1], raw[..., 0::2] + 256 * raw[..., 1::2]
 
 
 class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImageField, as ffcv's own
@@ -90,30 +93,31 @@ class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImage
         self.output_size = tuple(output_size)
         self.scale, self.ratio = np.array(scale, float), np.array(ratio, float)
         self.dct_margin, self.record = dct_margin, bool(record)
-        if record and 3 * self.output_size[1] < 2 * len(PARAMS):
-            raise ValueError(f"record needs an output width >= {2 * len(PARAMS) // 3}")
+        if record and self.output_size[1] < 2 * len(PARAMS):
+            raise ValueError(f"record needs an output width >= {2 * len(PARAMS)}")
 
     def declare_state_and_memory(self, previous_state):
         heights, widths = self.metadata["height"], self.metadata["width"]
         H, W = self.output_size
-        shape = (2, H + int(self.record), W, 3)
+        shape = (2, 3, H + int(self.record), W)
         buffer = int(heights.max()) * int(widths.max()) * 3
         dtype = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
-                (AllocationQuery(shape, dtype), AllocationQuery((buffer,), dtype)))
+                (AllocationQuery(shape, dtype), AllocationQuery((buffer,), dtype),
+                 AllocationQuery((H, W, 3), dtype)))
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         crop_c, denom_c = Compiler.compile(get_random_crop), Compiler.compile(dct_denominator)
-        span_c, flip_c = Compiler.compile(scaled_span), Compiler.compile(flip_columns)
+        span_c, planes_c = Compiler.compile(scaled_span), Compiler.compile(to_planes)
         write_c = Compiler.compile(write_params)
         jpg, (H, W), record = IMAGE_MODES["jpg"], self.output_size, self.record
         scale, ratio = self.scale, self.ratio
         margin = 1 << 30 if self.dct_margin is None else self.dct_margin   # None: never scale
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, buffers = my_storage
+            destination, buffers, resized = my_storage
             for ix in my_range(len(batch_indices)):
                 field = metadata[batch_indices[ix]]
                 data = mem_read(field["data_ptr"], storage_state)
@@ -132,13 +136,11 @@ class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImage
                     i, j, h, w = (iq, jq, hq, wq) if v == 0 else (ik, jk, hk, wk)
                     r0, r1, i, h = span_c(i, h, d, height)
                     c0, c1, j, w = span_c(j, w, d, width)
-                    out = destination[ix, v, :H]
-                    resize_crop_c(image, r0, r1, c0, c1, out)
+                    resize_crop_c(image, r0, r1, c0, c1, resized[ix])
                     flip = np.random.rand() < 0.5
-                    if flip:
-                        flip_c(out)
+                    planes_c(resized[ix], destination[ix, v, :, :H], flip)
                     if record:
-                        write_c(destination[ix, v, H], np.array([i, j, h, w, int(flip), d]))
+                        write_c(destination[ix, v, 0, H], np.array([i, j, h, w, int(flip), d]))
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

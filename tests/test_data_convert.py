@@ -128,6 +128,8 @@ def _error_line(capsys):
     ("other_options", "different options (max_resolution)"),
     ("foreign_out", "is not empty and holds no conversion"),
     ("bad_value", "--shards must be >= 1"),
+    ("bad_cpus", "--cpus-per-shard must be >= 1"),
+    ("workers_on_ray", "--workers is for converting in this process"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, case, message):
     src, out = tmp_path / "src", tmp_path / "out"
@@ -154,6 +156,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, case, message):
     elif case == "bad_value":
         make_tree(src, [2])
         args += ["--shards", "0"]
+    elif case == "bad_cpus":
+        make_tree(src, [2])
+        args += ["--cpus-per-shard", "0"]
+    elif case == "workers_on_ray":
+        make_tree(src, [2])
+        args += ["--address", "auto"]
     assert main(args) == 2
     assert message in _error_line(capsys)
     if case == "other_options":

@@ -34,8 +34,8 @@ def texture(rng):
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """(stored images by id, views (n, 2, R, R, 3), params (n, 2, len(PARAMS)), ids (n,)) over
-    EPOCHS passes of the dataset through one recording decoder."""
+    """(stored images by id, views (n, 2, R, R, 3) as HWC, params (n, 2, len(PARAMS)), ids (n,))
+    over EPOCHS passes of the dataset through one recording decoder."""
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
@@ -56,7 +56,7 @@ def recorded(tmp_path_factory):
     for _ in range(EPOCHS):
         for out, _, sid in loader:
             v, p = split_recorded(out.numpy())
-            views.append(v.copy())
+            views.append(v.transpose(0, 1, 3, 4, 2).copy())
             params.append(p)
             sids.append(sid.numpy().reshape(-1).copy())
     by_id = dict(zip(ids.tolist(), images))

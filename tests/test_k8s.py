@@ -416,6 +416,32 @@ def test_lincls_job_evaluates_the_pretraining_run_on_its_data(objects):
 # Cross-file consistency
 # ------------------------------------------------------------------------------------------------
 
+CONVERT_JOBS = [name for name, module in JOB_MODULES.items() if module == "data_prep.convert"]
+
+
+@pytest.mark.parametrize("job", CONVERT_JOBS)
+def test_convert_job_writes_its_shards_on_an_autoscaled_cpu_group(objects, job):
+    """Every shard is a Ray task of --cpus-per-shard CPUs: the head offers none (it runs the driver
+    only), one CPU worker group starts at 0 pods and grows until every shard's task runs at once,
+    and the in-tree autoscaler removes idle pods again."""
+    spec = rayjob(objects, job)["spec"]
+    f, cluster = flags(spec["entrypoint"]), spec["rayClusterSpec"]
+    assert f.get("--address") == "auto" and "--workers" not in f, job
+    cpus, shards = int(f["--cpus-per-shard"]), int(f["--shards"])
+    assert cluster["enableInTreeAutoscaling"] is True, job
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] <= 300, job
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", f"{job}: the head would take shard tasks"
+    (group,) = cluster["workerGroupSpecs"]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert GPU not in resources["limits"] and resources["requests"]["cpu"] == resources["limits"]["cpu"], job
+    pod_cpus = int(quantity(resources["limits"]["cpu"]))
+    assert int(group["rayStartParams"].get("num-cpus", pod_cpus)) == pod_cpus, job
+    assert group["minReplicas"] == group["replicas"] == 0, f"{job}: CPU pods before there is work"
+    assert cpus <= pod_cpus and pod_cpus % cpus == 0, f"{job}: a shard's task must fit one pod exactly"
+    assert group["maxReplicas"] * (pod_cpus // cpus) == shards, \
+        f"{job}: {group['maxReplicas']} pods run {group['maxReplicas'] * (pod_cpus // cpus)} of {shards} shards at once"
+
+
 def test_pvc_name_and_mount_path_match_everywhere(objects):
     pvc = one(objects, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "storage_path must be shared by all nodes"
@@ -690,9 +716,10 @@ def test_autoscaling_head_says_why_it_keeps_its_token():
 def test_service_account_has_no_rights_and_no_token(objects):
     account = one(objects, "ServiceAccount")
     assert account.get("automountServiceAccountToken") is False
+    autoscaling = {f"{where} head" for where, spec in ray_cluster_specs(objects) if spec.get("enableInTreeAutoscaling")}
     for where, template, role in pod_templates(objects):
         pod = template["spec"]
-        autoscaling_head = role == "head" and where.startswith("RayCluster/")
+        autoscaling_head = role == "head" and where in autoscaling
         if autoscaling_head:
             # KubeRay runs it under its own autoscaler ServiceAccount, with the autoscaler's Role.
             assert "serviceAccountName" not in pod, where
