@@ -241,7 +241,7 @@ def summary(path, spec, rows, wall):
                      f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
     base = baseline(rows, spec)
     if base is not None:
-        gain = f"; the best trial is {best[spec['metric'] + '_last'] - base:+.2f} points above it" if best else ""
+        gain = f"; best trial {best[spec['metric'] + '_last'] - base:+.2f} points" if best else ""
         lines.append(f"[sweep] random-init kNN top-1 (the encoder before training): {base:.4g}{gain}")
     path = Path(path)
     lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "
