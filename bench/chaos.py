@@ -215,8 +215,10 @@ def rows_of(faults, records, end_time):
         before = [s for s in starts if s["time"] <= t]
         window = [s for s in starts if t < s["time"] <= t_next]
         redone = [max([r["step"] for r in steps if r["time"] < s["time"]], default=0) - s["step"] for s in window]
-        after = window[-1]["time"] if window else t
-        first = next((r for r in steps if r["time"] > after), None)
+        # The next step of training: after a fault that restarts the group, one of the group that
+        # starts next (records of the killed group may still arrive); else any.
+        after = next((s["time"] for s in starts if s["time"] > t), None) if kind in RESTARTS else t
+        first = next((r for r in steps if r["time"] > after), None) if after else None
         rows.append(dict(kind=kind, t=t, note=note, before=before[-1]["world_size"] if before else None,
                          after=window[-1]["world_size"] if window else before[-1]["world_size"] if before else None,
                          resumed=window[-1]["step"] if window else None, restarts=len(window),
@@ -301,7 +303,7 @@ def run(out, schedule, epochs, seed, timeout_s):
     records = read_metrics(chaos.run_dir)
     rows = rows_of(faults, records, time.time())
     for r in rows:
-        r["t"] -= chaos.t0
+        r["time"], r["t"] = r["t"], r["t"] - chaos.t0
     return rows, summarize(rows, records, chaos.run_dir, out, epochs, rc)
 
 
