@@ -29,6 +29,7 @@ def test_four_faults_in_series(tmp_path):
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait()
+    assert (tmp_path / "chaos.json").is_file(), out[-4000:]
     report = json.loads((tmp_path / "chaos.json").read_text())
     rows, summary = report["rows"], report["summary"]
     assert [r["kind"] for r in rows] == ["worker_kill", "node_remove", "node_add", "save_kill"], out[-4000:]
