@@ -229,7 +229,11 @@ def test_a_slow_or_dead_run_log_never_blocks_the_publisher(ray_session, tmp_path
     publisher.send({"event": "step", "step": 1})
     publisher.drain()
     assert read_metrics(tmp_path / "dead")[0]["step"] == 1
-    ray.kill(dead)
+    ray.kill(dead)  # asynchronous: wait until the actor is gone
+    with pytest.raises(ray.exceptions.RayActorError):
+        for _ in range(600):
+            ray.get(dead.__ray_ready__.remote())
+            time.sleep(0.1)
     for step in range(2, 100):
         publisher.send({"event": "step", "step": step})
     publisher.drain(timeout_s=5)
