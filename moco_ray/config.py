@@ -113,8 +113,8 @@ PRESETS = {
         metrics_port=0, bn_splits=2,
     ),
 }
-# bn_splits=2 (demo): one worker (each trial of a demo sweep) normalises 2 sub-batches of 32, as
-# each of the 2 shuffle-BN workers of `make demo` does (8 sub-batches of 8 learned more slowly).
+# bn_splits=2 (demo): one worker (`tune.sweep --workers-per-trial 1`) normalises 2 sub-batches of
+# 32, as each of the 2 shuffle-BN workers of `make demo` does (8 sub-batches of 8 learned more slowly).
 
 LINCLS_PRESETS = {
     "imagenet": {},   # the defaults: 100 epochs, lr 30 per 256, /10 at 60 and 80

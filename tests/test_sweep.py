@@ -307,7 +307,7 @@ def test_momentum_ablation_m0_ends_below_m099(digits, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     args = ["--config", "demo", "--tau", "0.2", "--m", "0,0.99", "--scheduler", "fifo",
-            "--storage-path", str(tmp_path), "--name", "ablation"]
+            "--workers-per-trial", "1", "--storage-path", str(tmp_path), "--name", "ablation"]
     for s in (f"data={digits['train']}", f"knn_data={digits['val']}", *ABLATION_SETS):
         args += ["--set", s]
     run = subprocess.run([sys.executable, "-m", "tune.sweep", *args], cwd=REPO, env=env,

@@ -1,6 +1,6 @@
 """python -m tune.sweep: Ray Tune sweeps of the MoCo temperature tau (T) and key-encoder momentum m.
 
-    python -m tune.sweep --config demo --tau 0.07,0.2,0.5 --m 0.9,0.99,0.999 --set knn_every=1
+    python -m tune.sweep --config demo --tau 0.1,0.2 --m 0.99      # two make-demo runs, one T each
     python -m tune.sweep --config moco-v2 --tau loguniform:0.05:0.5 --m choice:0.99,0.999,0.9999 \\
         --search random --num-samples 12 --workers-per-trial 4 --address auto --storage-path /mnt/runs
     python -m tune.sweep --name NAME --storage-path DIR --resume        # continue an interrupted sweep
@@ -184,7 +184,8 @@ def build_parser():
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this at each rung")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: as many as the cluster holds)")
-    p.add_argument("--workers-per-trial", default="1", help="Ray Train workers per trial: N or MIN:MAX")
+    p.add_argument("--workers-per-trial", default="2",
+                   help="Ray Train workers per trial: N or MIN:MAX (default 2, as moco_ray.train)")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group failures a trial survives")
     p.add_argument("--metric", default="knn_top1", help=f"what to optimise: {', '.join(METRICS)}")
     p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
