@@ -90,7 +90,14 @@ class Chaos:
         from ray.cluster_utils import Cluster
 
         self.out, self.run_dir, self.rng = out, out / "chaos", random.Random(seed + 1)
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for attempt in range(3):  # Ray gives a raylet a fixed 30 s to register: a loaded machine can miss it
+            try:
+                self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+                break
+            except Exception as e:
+                if attempt == 2:
+                    raise
+                print(f"[chaos] the head did not start ({e}); again", flush=True)
         self.nodes = [self.cluster.add_node(num_cpus=1) for _ in range(2)]
         self.command = driver_command(self.cluster, out, epochs)
         self.log = open(out / "driver.log", "ab")
