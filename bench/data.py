@@ -16,7 +16,8 @@ two loaders' epochs alternate, so that a busy machine slows both alike.
 Where one sample's time goes, for each stored resolution, single-threaded on the same images:
 decode (libjpeg-turbo, as ffcv calls it), crop + resize of both views (OpenCV INTER_AREA, as ffcv),
 copies (the loader's copy out of ffcv's buffers and the uint8 -> float32 normalisation of both
-views), and the rest: one loader thread's time per sample minus those three.
+views), and the rest: one loader thread's time per sample (its best of two epochs) minus those
+three. All are best-of-several timings; on a busy machine the rest can come out negative.
 
 --dct: how far a DCT-scaled decode (1/d) moves a view from the full decode, for each margin (the
 decoder uses 1/d only when both crops are >= margin * d x the output), beside the resize's own
@@ -118,7 +119,7 @@ def two_crops(h, w, rng, scale=(0.2, 1.0)):
     return [get_random_crop(h, w, np.array(scale), np.array((3 / 4, 4 / 3))) for _ in range(2)]
 
 
-def per_sample(fn, items, repeats=3):
+def per_sample(fn, items, repeats=5):
     """Seconds per item of fn(item), best of `repeats` passes."""
     best = float("inf")
     for _ in range(repeats):
@@ -275,7 +276,8 @@ def main():
 
         print("one sample, one thread (ms): decode | crop + resize (2 views) | copies | rest (1-thread loader - the three)")
         for name, out in outs.items():
-            parts = breakdown(out, args, 1 / time_epoch(out, args, workers=1))
+            loader_s = 1 / max(time_epoch(out, args, workers=1) for _ in range(2))
+            parts = breakdown(out, args, loader_s)
             total = sum(parts.values())
             print(f"  {name:12s} " + " | ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in parts.items())
                   + f" | total {total:.2f}")

@@ -6,7 +6,7 @@ cuts both views from that decode, each with its own RandomResizedCrop (ffcv's `g
 the same distribution as torchvision's RandomResizedCrop.get_params) and its own horizontal flip.
 Its output per sample is (2, 3, H, W) uint8: view q, then view k, each in torch's CHW layout (the
 transpose from OpenCV's HWC, with the flip, happens here in the loader's threads: a float
-conversion of channels-last views on the training thread cost 3x that of CHW ones).
+conversion of channels-last views on the training thread cost 1.5-3x that of CHW ones).
 
 DCT scaling. libjpeg-turbo can decode at 1/2, 1/4 or 1/8 of the stored size for a fraction of
 the cost of a full decode (the inverse DCT is cut short). The decoder takes the smallest scale
@@ -14,9 +14,12 @@ the cost of a full decode (the inverse DCT is cut short). The decoder takes the 
 that the resize after the decode still shrinks by DCT_MARGIN or more. At 1/d a crop's edges snap
 to the nearest multiple of d stored pixels (a view's area moves by under 1%, since the crop is
 >= 2d x the output), and the recorded parameters are the snapped ones. Measured with
-`bench/data.py --dct` (64 px views from about 400x350 stored JPEGs, in grey levels): the resize's
-own error (OpenCV INTER_AREA against torchvision's antialiased bilinear) is 1.6-2.2; a 1/d view
-differs from the full decode's by 0.8-1.0 with DCT_MARGIN 2, but by 1.3-2.7 with margin 1.
+`bench/data.py --dct` (64 px views of 400x350 stored JPEGs, mean |difference| in grey levels): the
+resize's own error (OpenCV INTER_AREA against torchvision's antialiased bilinear, same crop) is
+1.53; a 1/d view differs from the full decode's by 0.88 (max 1.82) with DCT_MARGIN 2, but by 1.74
+(max 3.26) with margin 1, i.e. 1/2 as soon as a crop is twice the output: beyond the resize's error.
+At 224 px views of ImageNet-sized images no crop qualifies (it would need >= 896 px); it pays at
+low training resolutions.
 
 Memory per loader: batch x (2 x 3 x H x W) output + batch x (largest stored H x W x 3) decode
 buffer, as ffcv's decoders (one decode buffer per sample of a batch, whatever d), + batch x
