@@ -13,11 +13,13 @@ augmentations are left out of both (aug=None), since they run on the training de
 The ffcv pipeline is compiled (numba) before timing; each timing starts at the first batch, and the
 two loaders' epochs alternate, so that a busy machine slows both alike.
 
-Where one sample's time goes, for each stored resolution, single-threaded on the same images:
-decode (libjpeg-turbo, as ffcv calls it), crop + resize of both views (OpenCV INTER_AREA, as ffcv),
-copies (the loader's copy out of ffcv's buffers and the uint8 -> float32 normalisation of both
-views), and the rest: one loader thread's time per sample (its best of two epochs) minus those
-three. All are best-of-several timings; on a busy machine the rest can come out negative.
+Where one sample's time goes, for each stored resolution, single-threaded on the same images (CPU
+time, summed over the loader's threads): decode (libjpeg-turbo, as ffcv calls it), crop + resize of
+both views (OpenCV INTER_AREA, as ffcv), the rest of ffcv's reader (its time per sample with one
+numba thread, best of two epochs, minus those two: reading, the CHW transpose and flip, batching),
+and copies on the training thread (the copy out of ffcv's buffers and the uint8 -> float32
+normalisation of both views). Best-of-several timings; the standalone decode and crop + resize
+carry Python call overhead, so a rest near zero can come out negative.
 
 --dct: how far a DCT-scaled decode (1/d) moves a view from the full decode, for each margin (the
 decoder uses 1/d only when both crops are >= margin * d x the output), beside the resize's own
@@ -130,8 +132,22 @@ def per_sample(fn, items, repeats=5):
     return best
 
 
-def breakdown(out, args, loader_s):
-    """Milliseconds per sample: decode, crop + resize (both views), copies, the rest."""
+def reader_seconds(out, args):
+    """Seconds per sample of ffcv's reader alone (one numba thread): the uint8 views, before the
+    training thread's float conversion."""
+    n = D.dataset_info(out)["n"]
+    rows = D.rank_indices(D.epoch_order(0, 0, n), 0, args.batch, 0, 1)
+    sizes = [args.batch] * (len(rows) // args.batch)
+    t0 = None
+    for i, _ in enumerate(D._batches(out, rows, sizes, "train", args.res, 1, torch.device("cpu"))):
+        if i == 0:
+            t0 = time.perf_counter()
+    return (time.perf_counter() - t0) / (sum(sizes) - sizes[0])
+
+
+def breakdown(out, args, reader_s):
+    """Milliseconds per sample: decode, crop + resize (both views), copies, the rest (the
+    reader's time beyond its decode and crop + resize)."""
     from ffcv.libffcv import resize_crop
 
     jpegs = stored_jpegs(out, 300)
@@ -152,9 +168,9 @@ def breakdown(out, args, loader_s):
         augment(q, None), augment(k, None)
 
     times = {"decode": per_sample(lambda j: decode(*j), jpegs),
-             "crop + resize": per_sample(crop_resize, decoded),
-             "copies": per_sample(copies, range(20)) / args.batch}
-    times["rest"] = loader_s - sum(times.values())
+             "crop + resize": per_sample(crop_resize, decoded)}
+    times["rest"] = reader_s - sum(times.values())
+    times["copies"] = per_sample(copies, range(20)) / args.batch
     return {k: 1e3 * v for k, v in times.items()}
 
 
@@ -274,10 +290,9 @@ def main():
             print(f"  {name:12s} {max(r):7.1f} images/s  {'' if name == 'torchvision' else ratio}"
                   f"  (epochs: {', '.join(f'{x:.1f}' for x in r)})")
 
-        print("one sample, one thread (ms): decode | crop + resize (2 views) | copies | rest (1-thread loader - the three)")
+        print("one sample, one thread (ms): decode | crop + resize (2 views) | rest of the reader | copies (training thread)")
         for name, out in outs.items():
-            loader_s = 1 / max(time_epoch(out, args, workers=1) for _ in range(2))
-            parts = breakdown(out, args, loader_s)
+            parts = breakdown(out, args, min(reader_seconds(out, args) for _ in range(2)))
             total = sum(parts.values())
             print(f"  {name:12s} " + " | ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in parts.items())
                   + f" | total {total:.2f}")
