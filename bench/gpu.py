@@ -104,7 +104,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (a check that it runs)")
     args = p.parse_args()
     if args.smoke:
-        args.batch, args.res, args.K, args.arch, args.steps, args.warmup = 8, 16, 64, "resnet18", 1, 1
+        args.batch, args.res, args.K, args.arch, args.steps, args.warmup = 16, 32, 64, "resnet18", 1, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     precision.configure_backends(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
