@@ -98,20 +98,22 @@ def pretraining_checkpoint(run_dir, digits, seed=0):
 @pytest.mark.slow
 def test_linear_protocol_end_to_end_and_resume(ray_session, digits, tmp_path, capsys):
     # crop_min=0.5 (the demo pretraining's crops): the features of random weights are not invariant
-    # to the protocol's 8% crops of 8x8 digits, and two epochs would leave them near chance
+    # to the protocol's 8% crops of 8x8 digits. lr=0.1: the paper's lr=30 suits MoCo's features; on
+    # the larger features of random weights it oscillates, and two epochs ended anywhere in 10-30 %
+    # (seeds 0, 1). At 0.1 they end at 45-50 %.
     pretrained = pretraining_checkpoint(tmp_path / "pre", digits)
     args = ["--pretrained", str(pretrained), "--storage-path", str(tmp_path), "--name", "lin",
             "--set", f"data={digits['train']}", "--set", f"val_data={digits['val']}", "--set", "res=16",
             "--set", "batch_size=64", "--set", "loader_workers=1", "--set", "metrics_port=0",
             "--set", "eval_every=1", "--set", "report_every=5", "--set", "checkpoint_every_steps=1000",
-            "--set", "random_baseline=false", "--set", "crop_min=0.5"]
+            "--set", "random_baseline=false", "--set", "crop_min=0.5", "--set", "lr=0.1"]
     assert main(args + ["--set", "epochs=2"]) == 0
     out = capsys.readouterr().out
     assert "linear top-1" in out and "sanity check after epochs [1, 2]" in out
     rows = read_metrics(tmp_path / "lin")
     end = rows[-1]
     assert end["event"] == "end" and end["epoch"] == 2 and end["sanity_checked_epochs"] == [1, 2]
-    assert end["lincls_top1"] > 10 + 5, end   # 10 classes, 360 images: 10 +- 1.6 % by chance
+    assert end["lincls_top1"] > 25, end   # 10 classes, 360 images: 10 +- 1.6 % by chance
     assert end["lincls_top5"] >= end["lincls_top1"] and end["lincls_best_top1"] >= end["lincls_top1"]
     evals = [r for r in rows if r.get("event") == "epoch"]
     assert evals and evals[0]["lincls_top1"] is not None   # top-1 after epoch 1 (eval_every=1)
