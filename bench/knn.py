@@ -3,9 +3,9 @@
     python bench/knn.py [--n 10000,100000,1000000] [--queries 2000] [--dim 128] [--classes 1000]
 
 Synthetic L2-normalised features (d=128, 1000 classes, k=200, t=0.1) sharded over W=2 spawned
-processes joined by gloo, one thread each. Every (version, n) runs in fresh processes, so that the
-peak RSS (ru_maxrss) is that run's own; "peak" is the most memory one rank added from before its
-shard and queries existed to the end of the evaluation; "formula" is moco_ray.knn.peak_bytes.
+processes joined by gloo, one thread each. Every (version, n) runs in fresh processes; "peak" is the
+most memory one rank added from before its shard and queries existed to the end of the evaluation
+(VmHWM, reset then: ru_maxrss would include the parent's RSS at the fork); "formula" is moco_ray.knn.peak_bytes.
 (old) the monitor before issue 17: all_gather the bank (padded) and the queries onto every rank,
       one query x bank similarity matrix, a query x k x classes one-hot vote. It is skipped where
       its estimated peak (3 n (4d + 16) + 4 q n + 12 q k C bytes per rank) does not fit in the
@@ -14,7 +14,6 @@ shard and queries existed to the end of the evaluation; "formula" is moco_ray.kn
 """
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moco_ray import knn  # noqa: E402
-from moco_ray.worker import rss_bytes  # noqa: E402
+from moco_ray.worker import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 K, T = 200, 0.1
 
@@ -72,6 +71,7 @@ def worker(rank, world, tmp, version, n, q, dim, num_classes):
     run = old_top1 if version == "old" else new_top1
     tiny = torch.eye(4, dim)                         # load the code it runs before measuring
     run(tiny, torch.arange(4), tiny, torch.arange(4), num_classes)
+    reset_peak_rss()
     before = rss_bytes()
     g = torch.Generator().manual_seed(rank)
     bank = torch.randn(n // world, dim, generator=g)
@@ -83,7 +83,7 @@ def worker(rank, world, tmp, version, n, q, dim, num_classes):
     t0 = time.perf_counter()
     top1 = run(query, query_y, bank, bank_y, num_classes)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_rss_bytes() - before
     torch.save((seconds, peak, top1), os.path.join(tmp, f"{rank}.pt"))
     dist.destroy_process_group()
 

@@ -68,6 +68,21 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss():
+    """Restart this process's peak RSS (VmHWM) from its current RSS. Without it the peak of a
+    spawned process includes its parent's RSS when it forked: Linux carries the forked image's
+    high-water mark over exec into ru_maxrss."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes():
+    """The peak RSS since the process started or since reset_peak_rss (VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def _quiet_ray_train():
     """Our logger only, and without Ray Train's INFO line per report ("Reporting training result
     ... TrainingReport(...)", a long dict from every worker): warnings still show."""
