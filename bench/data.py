@@ -17,8 +17,8 @@ Where one sample's time goes, for each stored resolution, single-threaded on the
 time, summed over the loader's threads): decode (libjpeg-turbo, as ffcv calls it), crop + resize of
 both views (OpenCV INTER_AREA, as ffcv), the rest of ffcv's reader (its time per sample with one
 numba thread, best of two epochs, minus those two: reading, the CHW transpose and flip, batching),
-and copies on the training thread (the copy out of ffcv's buffers and the uint8 -> float32
-normalisation of both views). Best-of-several timings; the standalone decode and crop + resize
+and copies on the training thread (the uint8 -> float32 normalisation of both views, one
+conversion and one fused multiply-add each; the views are read from ffcv's buffers, not copied). Best-of-several timings; the standalone decode and crop + resize
 carry Python call overhead, so a rest near zero can come out negative.
 
 --dct: how far a DCT-scaled decode (1/d) moves a view from the full decode, for each margin (the
@@ -164,7 +164,7 @@ def breakdown(out, args, reader_s):
     batch = torch.zeros(args.batch, 2, 3, args.res, args.res, dtype=torch.uint8)
 
     def copies(_):
-        q, k = batch.clone().unbind(1)
+        q, k = batch.unbind(1)     # the loader hands out ffcv's buffer (moco_ray.data._ShardStream)
         augment(q, None), augment(k, None)
 
     times = {"decode": per_sample(lambda j: decode(*j), jpegs),

@@ -12,6 +12,7 @@ applies its four ops in a random order per sample, as torchvision's ColorJitter 
 `augment` once per view: the two views get independent draws.
 """
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,19 @@ def to_float(x):
     return y.div_(255) if x.dtype == torch.uint8 else y
 
 
-def normalize_(x):
-    """ImageNet mean/std normalisation, in place on a float batch in [0, 1]."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+@lru_cache(maxsize=None)
+def _affine(device, top):
+    """(a, b) with (x / top - mean) / std = a * x + b, per channel, as (1, 3, 1, 1) on device."""
+    a = torch.tensor([1 / (top * s) for s in STD], device=device).view(1, 3, 1, 1)
+    b = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device).view(1, 3, 1, 1)
+    return a, b
+
+
+def normalize_(x, top=1.0):
+    """ImageNet mean/std normalisation, in place on a float batch in [0, top] (top=255: the values
+    of uint8 pixels), in one pass over x."""
+    a, b = _affine(x.device, float(top))
+    return torch.addcmul(b, x, a, out=x)
 
 
 def _col(f):
@@ -161,6 +170,8 @@ def augment(x, version, generator=None):
     'v2', or None / 'none' (normalise only). generator: an optional CPU torch.Generator for the random parameters."""
     if version not in VERSIONS:
         raise ValueError(f"augmentation {version!r} is not one of {VERSIONS}")
+    if version in (None, "none") and x.dtype == torch.uint8:
+        return normalize_(x.to(torch.float32), 255)     # the [0, 1] scaling folded into the normalisation
     x = to_float(x)
     if version == "v1":
         x = random_grayscale(x, 0.2, generator)

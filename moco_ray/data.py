@@ -184,7 +184,9 @@ def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", n
 
 
 def _batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
-    """([uint8 views...], label, sample_id) for consecutive slices of `rows` of the given sizes."""
+    """([uint8 views...], label, sample_id) for consecutive slices of `rows` of the given sizes.
+    From ffcv the views may be its own buffers, valid until the next batch is asked for: use them
+    (convert, or copy to the device) before that."""
     if _is_converted(path):
         return _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale)
     return _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale)
@@ -285,33 +287,42 @@ def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_S
 
 
 class _ShardStream:
-    """The samples of one shard, in the order given, as ffcv decodes them (lazily started)."""
+    """The samples of one shard, in the order given, as ffcv decodes them (lazily started).
+
+    ffcv writes batches into a ring of batches_ahead + 2 buffers: the batch next() returned is
+    overwritten once next() is called again. take() hands out views of that buffer without a copy
+    (a copy of a 64 x 2 x 224 x 224 x 3 batch is a pass over 19 MB on the training thread), so what
+    it returns is valid until the next take() on this stream; whatever must outlive that (samples
+    kept for the next take, parts joined across batches) is copied."""
 
     def __init__(self, loader):
         self.loader = loader
-        self.it, self.parts = None, []
+        self.it, self.parts = None, []   # parts: (dict name -> tensor, still ffcv's buffer)
         self.names = list(loader.pipeline_specs)   # the order of ffcv's outputs
         self.torch_threads = torch.get_num_threads()
 
     def take(self, m):
-        """The next m samples: a dict name -> tensor."""
-        have = sum(len(p[M.ID]) for p in self.parts)
+        """The next m samples: a dict name -> tensor, valid until the next take()."""
+        have = sum(len(p[M.ID]) for p, _ in self.parts)
         while have < m:
             if self.it is None:
                 self.it = iter(self.loader)
             self._wait_for_batch()
-            # ffcv reuses its output buffers a few batches later: copy out right away
-            part = {k: v.clone() for k, v in zip(self.names, next(self.it))}
+            self.parts = [(_owned(p, borrowed), False) for p, borrowed in self.parts]
+            part = dict(zip(self.names, next(self.it)))
             # ffcv sets torch's (process-wide) thread count to its own worker count, also from
             # its producer thread: put the trainer's back once that thread is running
             if torch.get_num_threads() != self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
-            self.parts.append(part)
+            self.parts.append((part, True))
             have += len(part[M.ID])
         parts, self.parts = self.parts, []
-        out = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if len(parts) == 1:
+            out, borrowed = parts[0]
+        else:
+            out, borrowed = {k: torch.cat([p[k] for p, _ in parts]) for k in parts[0][0]}, False
         rest = {k: v[m:] for k, v in out.items()}
-        self.parts = [rest] if len(rest[M.ID]) else []
+        self.parts = [(_owned(rest, borrowed), False)] if len(rest[M.ID]) else []
         return {k: v[:m] for k, v in out.items()}
 
     def _wait_for_batch(self):
@@ -327,6 +338,10 @@ class _ShardStream:
     def close(self):
         if self.it is not None:
             self.it.close()
+
+
+def _owned(part, borrowed):
+    return {k: v.clone() for k, v in part.items()} if borrowed else part
 
 
 def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
@@ -356,7 +371,7 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
                         out = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype) for k, v in got.items()}
                     for k, v in got.items():
                         out[k][where] = v
-            sid, label = out[M.ID].view(-1), out[M.LABEL].view(-1)
+            sid, label = out[M.ID].view(-1).clone(), out[M.LABEL].view(-1).clone()   # kept by callers
             if not np.array_equal(sid.numpy(), want):
                 raise RuntimeError(f"{path}: the shards do not match the manifest "
                                    f"(expected ids {want[:5]}..., read {sid[:5].tolist()}...)")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest_data import id_of, make_tree, unnormalize
+from data_prep import manifest as M
 from data_prep.convert import convert
 from moco_ray import data as D
 
@@ -145,6 +146,23 @@ def test_eval_slices_cover_everything_once(datasets, kind):
     again = next(iter(D.make_eval_loader(datasets[kind], batch_size=7, rank=0, world_size=3, res=RES,
                                          num_workers=1)))[0]
     assert torch.equal(first, again)     # deterministic
+
+
+def test_takes_across_ffcv_batches_keep_each_samples_pixels(datasets):
+    """take() hands out ffcv's own buffers, which ffcv overwrites one next() later: the samples kept
+    for the next take, and batches joined into one take, must be copies."""
+    path = datasets["ffcv"]
+    man = D._manifest(str(path), (path / M.MANIFEST).stat().st_mtime_ns)
+    order = np.sort(man.index[man.shard == 0]).astype(np.uint64)
+    stream = D._ShardStream(D._shard_loader(man, 0, order, "eval", RES, 5, 1))   # ffcv batches of 5
+    ids = []
+    for m in [3, 4, 9, 2, 12, 1, 8, 6]:    # 45: within a batch, across two and three, a batch's tail
+        got = stream.take(m)
+        sid = got[M.ID].view(-1).tolist()
+        assert [id_of(x) for x in got[M.IMAGE]] == sid
+        ids += sid
+    stream.close()
+    assert len(ids) == len(set(ids)) == len(order) == 45
 
 
 def test_shards_with_different_image_sizes_share_one_pipeline(tmp_path):
