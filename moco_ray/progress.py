@@ -105,6 +105,12 @@ class RunLog:
         self.max_step = 0
         self.segment_start = None
 
+    def remember_run(self, run_id):
+        """Records the Ray Train run id with this driver's job (moco_ray.reservation)."""
+        from moco_ray.reservation import remember
+
+        remember(self.run_dir, run_id, ray.get_runtime_context().get_job_id())
+
     def record(self, m):
         m = dict(m)
         m.setdefault("time", time.time())
@@ -167,8 +173,12 @@ class ProgressCallback(ray.train.UserCallback):
     def __init__(self, run_log, timeout_s=30.0):
         self.run_log = run_log
         self.timeout_s = timeout_s
+        self.run_id = None
 
     def after_report(self, run_context, metrics, checkpoint):
+        if run_context.run_id != self.run_id:   # the first report of this run: see reservation.py
+            self.run_id = run_context.run_id
+            self.run_log.remember_run.remote(run_context.run_id)
         if checkpoint is None or not metrics:
             return
         m = dict(metrics[0], time=time.time(), checkpoint=checkpoint.path)

@@ -104,6 +104,7 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
     from moco_ray.progress import ProgressCallback, start_run_log
     from moco_ray.worker import train_func
 
+    release_reservation(Path(storage_path) / name)
     run_log = start_run_log(Path(storage_path) / name)
 
     scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -121,6 +122,22 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
     config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(Path(storage_path) / name)}
     return TorchTrainer(loop or train_func, train_loop_config=config,
                         scaling_config=scaling, run_config=run)
+
+
+def release_reservation(run_dir):
+    """What a killed driver of this run left reserved, freed now instead of in 180 s (reservation.py)."""
+    from moco_ray.progress import PREFIX
+    from moco_ray.reservation import release_stale
+
+    try:
+        released = release_stale(run_dir)
+    except Exception as e:   # only costs the wait
+        print(f"{PREFIX} could not release the previous driver's reservation: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        return
+    if released:
+        print(f"{PREFIX} released the workers' resources still reserved by the previous driver ({released})",
+              flush=True)
 
 
 def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=""):
