@@ -18,8 +18,9 @@ time, summed over the loader's threads): decode (libjpeg-turbo, as ffcv calls it
 both views (OpenCV INTER_AREA, as ffcv), the rest of ffcv's reader (its time per sample with one
 numba thread, best of two epochs, minus those two: reading, the CHW transpose and flip, batching),
 and copies on the training thread (the uint8 -> float32 normalisation of both views, one
-conversion and one fused multiply-add each; the views are read from ffcv's buffers, not copied). Best-of-several timings; the standalone decode and crop + resize
-carry Python call overhead, so a rest near zero can come out negative.
+conversion and one fused multiply-add each; the views are read from ffcv's buffers, not copied).
+Best-of-several timings; the standalone decode and crop + resize carry Python call overhead, so a
+rest near zero can come out negative.
 
 --dct: how far a DCT-scaled decode (1/d) moves a view from the full decode, for each margin (the
 decoder uses 1/d only when both crops are >= margin * d x the output), beside the resize's own

@@ -5,7 +5,8 @@
 Synthetic L2-normalised features (d=128, 1000 classes, k=200, t=0.1) sharded over W=2 spawned
 processes joined by gloo, one thread each. Every (version, n) runs in fresh processes; "peak" is the
 most memory one rank added from before its shard and queries existed to the end of the evaluation
-(VmHWM, reset then: ru_maxrss would include the parent's RSS at the fork); "formula" is moco_ray.knn.peak_bytes.
+(VmHWM, reset then: ru_maxrss would include the parent's RSS at the fork); "formula" is
+moco_ray.knn.peak_bytes.
 (old) the monitor before issue 17: all_gather the bank (padded) and the queries onto every rank,
       one query x bank similarity matrix, a query x k x classes one-hot vote. It is skipped where
       its estimated peak (3 n (4d + 16) + 4 q n + 12 q k C bytes per rank) does not fit in the

@@ -297,32 +297,32 @@ class _ShardStream:
 
     def __init__(self, loader):
         self.loader = loader
-        self.it, self.parts = None, []   # parts: (dict name -> tensor, still ffcv's buffer)
+        self.it, self.parts = None, []   # parts: copies, kept from an earlier take
         self.names = list(loader.pipeline_specs)   # the order of ffcv's outputs
         self.torch_threads = torch.get_num_threads()
 
     def take(self, m):
         """The next m samples: a dict name -> tensor, valid until the next take()."""
-        have = sum(len(p[M.ID]) for p, _ in self.parts)
+        parts, self.parts = self.parts, []
+        have, fresh = sum(len(p[M.ID]) for p in parts), None   # fresh: the newest batch, ffcv's buffer
         while have < m:
             if self.it is None:
                 self.it = iter(self.loader)
             self._wait_for_batch()
-            self.parts = [(_owned(p, borrowed), False) for p, borrowed in self.parts]
-            part = dict(zip(self.names, next(self.it)))
+            if fresh is not None:
+                parts.append(_copy(fresh))   # the next() below may overwrite its buffer
+            fresh = dict(zip(self.names, next(self.it)))
             # ffcv sets torch's (process-wide) thread count to its own worker count, also from
             # its producer thread: put the trainer's back once that thread is running
             if torch.get_num_threads() != self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
-            self.parts.append((part, True))
-            have += len(part[M.ID])
-        parts, self.parts = self.parts, []
-        if len(parts) == 1:
-            out, borrowed = parts[0]
-        else:
-            out, borrowed = {k: torch.cat([p[k] for p, _ in parts]) for k in parts[0][0]}, False
+            have += len(fresh[M.ID])
+        if fresh is not None:
+            parts.append(fresh)
+        out = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         rest = {k: v[m:] for k, v in out.items()}
-        self.parts = [(_owned(rest, borrowed), False)] if len(rest[M.ID]) else []
+        if len(rest[M.ID]):
+            self.parts = [_copy(rest) if out is fresh else rest]
         return {k: v[:m] for k, v in out.items()}
 
     def _wait_for_batch(self):
@@ -340,8 +340,8 @@ class _ShardStream:
             self.it.close()
 
 
-def _owned(part, borrowed):
-    return {k: v.clone() for k, v in part.items()} if borrowed else part
+def _copy(part):
+    return {k: v.clone() for k, v in part.items()}
 
 
 def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
