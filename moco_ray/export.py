@@ -43,10 +43,9 @@ def find_checkpoint(path):
     path = Path(path).expanduser()
     if not path.exists():
         raise ExportError(f"{path}: no such checkpoint or run directory")
-    ckpts = sorted(p for p in path.glob("checkpoint_*") if p.is_dir())   # names sort by (step, start)
-    if (path / checkpoint.MANIFEST).exists() or not ckpts:
+    if (path / checkpoint.MANIFEST).exists() or not checkpoint.in_run(path):
         return path   # a checkpoint, or nothing: verify() says which
-    newest = checkpoint.find_valid(ckpts[-1])
+    newest = checkpoint.newest_valid(path)
     if newest is None:
         raise ExportError(f"{path}: no valid checkpoint in this run directory")
     return newest

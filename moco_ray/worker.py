@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from moco_ray import checkpoint, config as C, precision
+from moco_ray import checkpoint, config as C, precision, train_state
 from moco_ray.sample_log import SampleLog
 
 log = logging.getLogger("moco_ray")
@@ -136,13 +136,11 @@ class Loop:
         self.n = self.info["n"]
 
         torch.manual_seed(cfg.seed)
-        self.build()
         self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=0, skipped_steps=0, **self.PROGRESS)
         self.run_dir = run_dir
-        self.resumed_from = self.restore()
+        self.resumed_from = self.build_and_restore()
         self.progress["starts"] += 1
         self.group = self._group_number()
-        self.to_device()
         torch.manual_seed(cfg.seed * 1_000_003 + self.progress["step"] * 1009 + self.rank)
 
         self.steps_per_epoch = self.n // self.B
@@ -154,6 +152,8 @@ class Loop:
         self.publisher = Publisher(run_log) if run_log is not None and self.rank == 0 else None
         self.sample_log = SampleLog(cfg.sample_log, self.rank) if cfg.sample_log else None
         self.images_seen, self.t_run, self.last, self.measured_step = 0, time.perf_counter(), {}, None
+        self.saves = checkpoint.SaveSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, self.rank,
+                                             self.W, self.device)
 
     def run(self):
         self.start()
@@ -163,9 +163,29 @@ class Loop:
             self.end_epoch()
         self.end()
 
+    def build_and_restore(self):
+        """Build the model, move it to its device (and wrap it: to_device), then restore the
+        checkpoint onto that device (moco_ray.train_state says why in this order); returns the
+        checkpoint's path or None."""
+        self.build()
+        self.to_device()
+        return self.restore()
+
     def restore(self):
-        """Load the newest valid checkpoint of the run directory (without one: at or before the one
-        Ray hands this group), if any; returns its path."""
+        """Load the checkpoint rank 0 chose (choose_checkpoint) into the model already on its
+        device, if there is one; returns its path. Every rank loads its own files of the same one."""
+        path = checkpoint.agreed(self.choose_checkpoint, self.rank, self.W)
+        if path is None:
+            return None
+        state, shard, _ = checkpoint.load(path, self.rank, self.W, self.queue_size, self.device)
+        self.load_state(state, shard)
+        train_state.check_placement(self.optimizer)
+        self.progress.update(state["progress"])
+        return path
+
+    def choose_checkpoint(self):
+        """Rank 0 only: the newest valid checkpoint of the run directory (without one: at or before
+        the one Ray hands this group), hashes verified, as a str; None without one."""
         if self.run_dir:
             path, where = checkpoint.newest_valid(self.run_dir), self.run_dir
         else:
@@ -177,22 +197,14 @@ class Loop:
             if checkpoint.in_run(where):
                 print(f"[moco_ray] no valid checkpoint under {where}: starting fresh")
             return None
-        state, shard, _ = checkpoint.load(path, self.rank, self.W, self.queue_size)
-        self.load_state(state, shard)
-        self.progress.update(state["progress"])
         return str(path)
 
     def _group_number(self):
         """This group's number in its checkpoints' names: above every one in the run directory (rank
         0 decides), else the number of starts."""
-        import torch.distributed as dist
-
         if not self.run_dir:
             return self.progress["starts"]
-        number = [checkpoint.next_group(self.run_dir) if self.rank == 0 else None]
-        if self.W > 1:
-            dist.broadcast_object_list(number, src=0)
-        return number[0]
+        return checkpoint.agreed(lambda: checkpoint.next_group(self.run_dir), self.rank, self.W)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -232,7 +244,7 @@ class Loop:
             t_end = t_step
             done = p["step"] >= self.total_steps
             epoch_ends = p["samples_in_epoch"] + self.B > self.n
-            if p["step"] % cfg.checkpoint_every_steps == 0 and not (done or epoch_ends):
+            if not (done or epoch_ends) and self.saves.due(p["step"]):
                 self.save(self.last)
             if done:
                 break
@@ -268,17 +280,19 @@ class Loop:
 
     def end_epoch(self):
         """Epoch bookkeeping, the measurement when it is due (and after the last epoch), and an
-        epoch-end checkpoint."""
+        epoch-end checkpoint when the save schedule says so or a measurement ran (its result reaches
+        Ray, and Tune's schedulers, only with a checkpoint)."""
         p = self.progress
         p["epoch"] += 1
         p["samples_in_epoch"] = 0
         self.last["epoch"] = p["epoch"]
-        if self.measure_due(p["epoch"], last_epoch=p["epoch"] >= self.cfg.epochs):
+        measured = self.measure_due(p["epoch"], last_epoch=p["epoch"] >= self.cfg.epochs)
+        if measured:
             self.measure()
             self.last.update(self.measures())
             if self.meter:
                 self.meter.update(self.last)
-        if not self.finished():
+        if not self.finished() and (self.saves.due(p["step"], epoch_end=True) or measured):
             self.save(dict(self.last, event="epoch"))
 
     def end(self):
@@ -308,6 +322,7 @@ class Loop:
             ray_train.report(dict(metrics, checkpoint_save_s=seconds),
                              checkpoint=ray_train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint.dir_name(p["step"], self.group))
+        self.saves.saved()
 
     def queue_state(self):
         return None
@@ -336,16 +351,10 @@ class Worker(Loop):
         self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
 
     def load_state(self, state, shard):
-        self.model.encoder_q.load_state_dict(state["encoder_q"])
-        self.model.encoder_k.load_state_dict(state["encoder_k"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.model.queue.load_state_dict(shard)
+        train_state.load_moco_state(state, shard, self.model, self.optimizer, self.scaler)
 
     def state_dict(self):
-        return {"encoder_q": self.encoder_q.state_dict(), "encoder_k": self.model.encoder_k.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        return train_state.moco_state(self.model, self.optimizer, self.scaler)
 
     def queue_state(self):
         return self.model.queue.state_dict()

@@ -1,0 +1,49 @@
+"""What a MoCo worker's checkpoint holds (both encoders, the optimizer, the loss scaler, its queue
+shard) and how it is restored onto the device where training runs. Ray-free: the per-worker loop
+(moco_ray.worker.Worker) and bench/gpu.py call these same functions.
+
+The order is the contract: build the model, move it to its device (and wrap it in DDP), then
+restore with map_location to that device. optimizer.load_state_dict casts the state to where each
+parameter is at load time, and module.to(device) keeps the same Parameter objects (it replaces
+their .data), so state loaded before the move stays behind and the first step mixes devices.
+"""
+from moco_ray import checkpoint
+
+
+def unwrapped(module):
+    """The module inside a DistributedDataParallel wrapper (its state_dict keys have no `module.`)."""
+    return getattr(module, "module", module)
+
+
+def moco_state(model, optimizer, scaler):
+    """The part of a checkpoint's state that a MoCo worker's training needs (rank 0 writes it)."""
+    return {"encoder_q": unwrapped(model.encoder_q).state_dict(), "encoder_k": model.encoder_k.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+
+
+def load_moco_state(state, shard, model, optimizer, scaler):
+    """Load moco_state() and this rank's queue shard into a model already on its device."""
+    unwrapped(model.encoder_q).load_state_dict(state["encoder_q"])
+    model.encoder_k.load_state_dict(state["encoder_k"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    model.queue.load_state_dict(shard)
+
+
+def restore_moco(path, model, optimizer, scaler, device, rank=0, world_size=1):
+    """Restore a verified checkpoint into a model and optimizer already on `device`; returns the
+    checkpoint's state dict (its progress). Raises CheckpointError when optimizer state is left
+    elsewhere than its parameter (the model was moved after a restore)."""
+    state, shard, _ = checkpoint.load(path, rank, world_size, model.K, device)
+    load_moco_state(state, shard, model, optimizer, scaler)
+    check_placement(optimizer)
+    return state
+
+
+def check_placement(optimizer):
+    """CheckpointError naming the optimizer state that is not on its parameter's device and dtype."""
+    wrong = checkpoint.misplaced_state(optimizer)
+    if wrong:
+        raise checkpoint.CheckpointError(f"optimizer state restored away from its parameters ({len(wrong)} "
+                                         f"tensors, e.g. {wrong[0]}): move the model before the restore")
