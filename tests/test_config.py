@@ -28,10 +28,23 @@ def test_set_coerces_types():
     (["batch_size=1"], "smaller than the 2 workers"),
     (["bn=magic"], "bn='magic'"),
     (["data=/does/not/exist"], "no such dataset"),
+    (["checkpoint_every_steps=0"], "checkpoint_every_steps=0 and checkpoint_every_s=0: no checkpoint before the end"),
+    (["checkpoint_every_s=-60"], "checkpoint_every_s=-60.0 must be >= 0"),
 ])
 def test_bad_values_are_one_line_errors(sets, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         C.validate(C.load("demo", sets), max_workers=2)
+
+
+def test_plain_config_is_safe_at_imagenet_scale():
+    """No preset: kNN on a 100-per-class bank every 10 epochs (a full 1.28M bank every epoch is
+    hours of a 200-epoch run), checkpoints every 10 minutes rather than by a count of steps."""
+    cfg = C.validate(C.Config())
+    assert (cfg.knn_every, cfg.knn_bank_per_class) == (10, 100)
+    assert (cfg.checkpoint_every_s, cfg.checkpoint_every_steps) == (600, 0)
+    assert C.validate(C.LinclsConfig(pretrained="x")).checkpoint_every_s == 600
+    for demo in (C.preset("demo"), C.preset("demo", C.LinclsConfig)):   # the tests' runs: by steps alone
+        assert (demo.checkpoint_every_s, demo.checkpoint_every_steps) == (0, 100)
 
 
 def test_yaml_config_round_trip(tmp_path):

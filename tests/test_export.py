@@ -144,3 +144,11 @@ def test_export_bad_format_or_missing_checkpoint_is_one_line(tmp_path, capsys, a
     assert export.main([str(ckpt), "--out", str(tmp_path / "x.pt"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_run_directory_export_takes_the_newest_group_by_number(tmp_path):
+    """Worker group 1000 saved step 10 after group 999 did: as strings "-1000" < "-999"."""
+    run = tmp_path / "run"
+    write_checkpoint(run / checkpoint.dir_name(10, 999), "resnet18", 10, K=64)
+    newest = write_checkpoint(run / checkpoint.dir_name(10, 1000), "resnet18", 10, K=64)
+    assert export.find_checkpoint(run) == newest
