@@ -3,11 +3,13 @@ checkpoint after a restart or a resize.
 
     train_func            set up (or restore), then epochs of MoCo steps, kNN, checkpoints
     Loop                  what every training loop here shares (pretraining, moco_ray.lincls):
-      .restore              the newest valid checkpoint: the subclass's state, progress
+      .build_and_restore    the model built and moved to its device, then the newest valid
+                            checkpoint (rank 0 chooses) loaded onto it: the subclass's state, progress
       .train_epoch          the steps of one epoch from the recorded sample position
       .record               a step's metrics to Prometheus and the run log
       .end_epoch, .end      epoch bookkeeping, the subclass's measurement, checkpoints
-      .save                 a sharded checkpoint through ray.train.report
+      .save                 a sharded checkpoint through ray.train.report, when .saves (a
+                            checkpoint.SaveSchedule: steps and/or rank 0's clock) says so
     Worker(Loop)          MoCo pretraining:
       .step                 one optimizer step: the paper's Algorithm 1 (moco_ray.step.MoCo) + SGD
       .monitor              the kNN monitor on the backbone of the query encoder
