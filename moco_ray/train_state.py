@@ -39,7 +39,7 @@ def restore_moco(path, model, optimizer, scaler, device, rank=0, world_size=1):
     Cost for ResNet-50 at K=65536: each rank reads the state file (both encoders and the momentum
     buffers, ~320 MiB) straight onto its GPU, and its queue shard (K*D*4/W bytes, 0.5 MiB at W=64;
     all W old shards, 32 MiB, when W changed); at W=64 one start reads ~20 GiB from the checkpoint
-    storage, as before this order. The placement check walks the ~160 parameters once."""
+    storage. The placement check walks the ~160 parameters once."""
     state, shard, _ = checkpoint.load(path, rank, world_size, model.K, device)
     load_moco_state(state, shard, model, optimizer, scaler)
     check_placement(optimizer)
