@@ -215,10 +215,11 @@ def pinned_for(device):
 
 class BatchAssembly:
     """One batch put together from the shards' samples in tensors of its own: each image view a
-    dense (size, 3, H, W) uint8 tensor (pinned with pin_memory), label and sample id (size,) int64.
-    Every byte is copied once, when put() gets it: each run of consecutive positions is one numpy
-    slice assignment per view (numpy's per-call cost is a fraction of torch's: the ~60 runs of a
-    batch of 64 from 16 shards cost about one plain copy of the batch, see bench/data.py)."""
+    dense (size, 3, H, W) uint8 tensor (the views: one allocation, pinned with pin_memory), label
+    and sample id (size,) int64. Every byte is copied once, when put() gets it: each run of
+    consecutive positions is one numpy slice assignment for all views (numpy's per-call cost is a
+    fraction of torch's: the ~60 runs of a batch of 64 from 16 shards cost about one plain copy of
+    the batch, see bench/data.py)."""
 
     def __init__(self, size, pin_memory=False):
         self.size, self.pin_memory, self.images, self._dst = size, pin_memory, None, None
@@ -227,19 +228,24 @@ class BatchAssembly:
     def put(self, pos, part):
         """Samples at positions pos (ascending) of the batch: part, a dict name -> tensor of
         len(pos) rows as ffcv yields them (image (m, V, 3, H, W) for training, (m, 3, H, W) eval)."""
-        views = _views(part[M.IMAGE])
+        images = part[M.IMAGE] if part[M.IMAGE].dim() == 5 else part[M.IMAGE].unsqueeze(1)
         if self.images is None:
-            self.images = tuple(torch.empty((self.size, *v.shape[1:]), dtype=v.dtype, memory_format=_layout(v),
-                                            pin_memory=self.pin_memory) for v in views)
-            self._dst = [o.numpy() for o in self.images]
-        src = [v.numpy() for v in views]
+            self._allocate(images)
+        src = images.numpy().swapaxes(0, 1)        # (V, m, 3, H, W)
         breaks = [0, *(np.flatnonzero(np.diff(pos) != 1) + 1), len(pos)]
         for a, b in zip(breaks[:-1], breaks[1:]):
-            for d, v in zip(self._dst, src):
-                d[pos[a]:pos[a] + b - a] = v[a:b]
-        where = torch.from_numpy(np.asarray(pos))
+            self._dst[:, pos[a]:pos[a] + b - a] = src[:, a:b]
         for k, v in self.ints.items():
-            v[where] = part[k].reshape(-1).to(torch.int64)
+            v.numpy()[pos] = part[k].numpy().reshape(-1)
+
+    def _allocate(self, images):
+        _, V, C, H, W = images.shape   # (m, V, 3, H, W)
+        if _channels_last(images[:, 0]):   # eval: ffcv's ToTorchImage permutes HWC into NCHW; kept
+            out = torch.empty((V, self.size, H, W, C), dtype=images.dtype, pin_memory=self.pin_memory)
+            out = out.permute(0, 1, 4, 2, 3)
+        else:
+            out = torch.empty((V, self.size, C, H, W), dtype=images.dtype, pin_memory=self.pin_memory)
+        self.images, self._dst = out.unbind(0), out.numpy()
 
     def result(self):
         """((views...), label, sample_id)."""
@@ -254,18 +260,9 @@ def assemble(pieces, size, pin_memory=False):
     return batch.result()
 
 
-def _layout(view):
-    """The memory format of a view's rows: channels-last for eval images (ffcv's ToTorchImage
-    permutes HWC into a channels-last NCHW view; kept, so the later float conversion reads it as
-    it was), contiguous otherwise."""
-    cl = view.dim() == 4 and view.shape[1] > 1 and not view.is_contiguous() and view[:1].is_contiguous(
-        memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
-
-
-def _views(images):
-    """The views of ffcv's image output: (m, V, 3, H, W) -> V x (m, 3, H, W); (m, 3, H, W) -> one."""
-    return images.unbind(1) if images.dim() == 5 else (images,)
+def _channels_last(view):
+    """Whether a (m, 3, H, W) view's rows are laid out channels-last (H, W, 3)."""
+    return view.shape[1] > 1 and not view.is_contiguous() and view[:1].is_contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,6 +196,9 @@ def test_host_batches_are_dense_tensors_of_their_own(datasets):
     for views, copy, sid in kept:
         assert torch.equal(views[0], copy)
     assert D.pinned_for("cuda") and D.pinned_for(torch.device("cuda", 3)) and not D.pinned_for("cpu")
+    (images,), _, sid = next(iter(D._batches(path, np.sort(rows[:8]), [8], "eval", RES, 1, torch.device("cpu"))))
+    assert images.is_contiguous(memory_format=torch.channels_last)   # dense, in ffcv's layout
+    assert [id_of(x) for x in images] == sid.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
