@@ -4,7 +4,8 @@ ffcv's stock RandomResizedCropRGBImageDecoder decodes the whole JPEG for every c
 two views of one image cost two decodes. `TwoViewRandomResizedCrop` decodes each image once and
 cuts both views from that decode, each with its own RandomResizedCrop (ffcv's `get_random_crop`,
 the same distribution as torchvision's RandomResizedCrop.get_params) and its own horizontal flip.
-Its output per sample is (2, 3, H, W) uint8: view q, then view k, each in torch's CHW layout (the
+Its output per sample is (2, 3, H, W) uint8 (views=1: (1, 3, H, W), view q alone, for linear
+evaluation): view q, then view k, each in torch's CHW layout (the
 transpose from OpenCV's HWC, with the flip, happens here in the loader's threads: a float
 conversion of channels-last views on the training thread cost 1.5-3x that of CHW ones).
 
