@@ -445,7 +445,8 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
             batch, sh = BatchAssembly(size, pin), shard[pos:pos + size]
             for s in np.unique(sh):
                 where = np.flatnonzero(sh == s)
-                streams[s].take_into(len(where), lambda part, i: batch.put(where[i:i + len(part[M.ID])], part))
+                streams[s].take_into(len(where), lambda part, i, batch=batch, where=where:
+                                     batch.put(where[i:i + len(part[M.ID])], part))
             images, label, sid = batch.result()
             want = man.ids[rows[pos:pos + size]]
             if not np.array_equal(sid.numpy(), want):

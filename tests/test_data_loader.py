@@ -238,11 +238,11 @@ def test_one_view_loader_and_raw_key_views(datasets):
     for path in datasets.values():
         one = D.make_train_loader(path, seed=7, epoch=0, start=0, batch_per_worker=B, rank=0, world_size=1,
                                   res=RES, aug=None, num_workers=1, views=1)
-        images, label, sid = next(iter(one))
+        images, _, sid = next(iter(one))
         assert images.dtype == torch.float32 and images.shape == (B, 3, RES, RES)
         assert [id_of(x) for x in unnormalize(images)] == sid.tolist()
         raw = D.make_train_loader(path, seed=7, epoch=0, start=0, batch_per_worker=B, rank=0, world_size=1,
                                   res=RES, aug=None, num_workers=1, raw_k=True)
-        q, k, label, sid = next(iter(raw))
+        q, k, _, sid = next(iter(raw))
         assert q.dtype == torch.float32 and k.dtype == torch.uint8 and k.shape == (B, 3, RES, RES)
         assert [id_of(x) for x in k] == sid.tolist()
