@@ -1,6 +1,7 @@
 """Data benchmark: the ffcv two-view loader against the torchvision ImageFolder two-view loader.
 
     python bench/data.py [--images 3000] [--workers 2] [--batch 64] [--res 224] [--dct] [--regions]
+    python bench/data.py --assembly-only [--batch 64] [--res 224] [--shards 16]
 
 Builds an ImageFolder tree of JPEGs at ImageNet-like sizes (about 400x350, smooth random content
 with some texture, so the files are ImageNet-sized too) and converts it twice with data_prep.convert
@@ -16,11 +17,16 @@ two loaders' epochs alternate, so that a busy machine slows both alike.
 Where one sample's time goes, for each stored resolution, single-threaded on the same images (CPU
 time, summed over the loader's threads): decode (libjpeg-turbo, as ffcv calls it), crop + resize of
 both views (OpenCV INTER_AREA, as ffcv), the rest of ffcv's reader (its time per sample with one
-numba thread, best of two epochs, minus those two: reading, the CHW transpose and flip, batching),
-and copies on the training thread (the uint8 -> float32 normalisation of both views, one
-conversion and one fused multiply-add each; the views are read from ffcv's buffers, not copied).
+numba thread, best of two epochs, minus those two: reading, the CHW transpose and flip, batching,
+the batch's assembly into one dense tensor per view), and copies on the training thread (the uint8
+-> float32 normalisation of both views, one conversion and one fused multiply-add each).
 Best-of-several timings; the standalone decode and crop + resize carry Python call overhead, so a
 rest near zero can come out negative.
+
+Batch assembly (also alone: --assembly-only, no conversion): putting a batch of `--batch` two-view
+samples from `--shards` shards back in epoch order on one thread (moco_ray.data.assemble: one
+dense tensor per view, one copy), beside one plain copy of the same bytes (the target: <= 1.5x)
+and beside the index_put into a (B, 2, 3, H, W) buffer that it replaced.
 
 --dct: how far a DCT-scaled decode (1/d) moves a view from the full decode, for each margin (the
 decoder uses 1/d only when both crops are >= margin * d x the output), beside the resize's own
@@ -162,10 +168,9 @@ def breakdown(out, args, reader_s):
             resize_crop(img, i, i + h, j, j + w, view)
             view[:] = view[:, ::-1]
 
-    batch = torch.zeros(args.batch, 2, 3, args.res, args.res, dtype=torch.uint8)
+    q, k = torch.zeros(2, args.batch, 3, args.res, args.res, dtype=torch.uint8)   # as assembled
 
     def copies(_):
-        q, k = batch.unbind(1)     # the loader hands out ffcv's buffer (moco_ray.data._ShardStream)
         augment(q, None), augment(k, None)
 
     times = {"decode": per_sample(lambda j: decode(*j), jpegs),
@@ -234,6 +239,52 @@ def region_times(out):
     return {"full": 1e3 * full, "union": 1e3 * union, "each": 1e3 * each, "share": share}
 
 
+def assembly_times(args, repeats=20):
+    """Milliseconds for one batch on one thread (best of `repeats`): assemble() from the shards'
+    parts (views of ffcv-like (chunk, 2, 3, H, W) buffers), one plain copy of the same bytes into
+    fresh memory, the old index_put."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # Ray gives GPU workers OMP_NUM_THREADS=1
+    rng = np.random.default_rng(0)
+    size, res = args.batch, args.res
+    shard = rng.integers(0, args.shards, size)
+    pieces = []
+    for s in np.unique(shard):
+        where = np.flatnonzero(shard == s)
+        buffer = torch.from_numpy(rng.integers(0, 256, (len(where) + 8, 2, 3, res, res), dtype=np.uint8))
+        ids = torch.from_numpy(where).view(-1, 1).int()
+        pieces.append((where, {M.IMAGE: buffer[:len(where)], M.ID: ids, M.LABEL: ids}))
+    src = torch.randint(0, 256, (size, 2, 3, res, res), dtype=torch.uint8)
+
+    def index_put():
+        out = torch.empty_like(src)
+        for where, part in pieces:
+            out[torch.from_numpy(where)] = part[M.IMAGE]
+        return out.unbind(1)
+
+    # assemble and the plain copy interleaved (each writes a fresh batch's worth of memory, as the
+    # loader does every batch), then the index_put: its larger allocations would change what the
+    # allocator hands the other two
+    best = {}
+    for group in ({"assemble": lambda: D.assemble(pieces, size),
+                   "plain copy": lambda: torch.empty_like(src).copy_(src)},
+                  {"index_put (before)": index_put}):
+        for _ in range(repeats):
+            for name, fn in group.items():
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    torch.set_num_threads(torch_threads)
+    return {k: 1e3 * v for k, v in best.items()}
+
+
+def print_assembly(args):
+    t = assembly_times(args)
+    print(f"batch assembly, {args.batch} samples x 2 views x {args.res}px from {args.shards} shards "
+          f"({args.batch * 2 * 3 * args.res ** 2 / 1e6:.1f} MB), one thread (ms): "
+          + " | ".join(f"{k} {v:.2f} ({v / t['plain copy']:.2f}x plain copy)" for k, v in t.items()))
+
+
 def compare(outs, src, args):
     """Alternating timed epochs of ffcv (per stored resolution) and torchvision: best images/s."""
     rates = {name: [] for name in [*outs, "torchvision"]}
@@ -255,7 +306,12 @@ def main():
     p.add_argument("--dct-res", type=int, default=64, help="--dct: output size (small, so that 1/d applies)")
     p.add_argument("--regions", action="store_true", help="measure decoding only the crops' region")
     p.add_argument("--dir", type=Path, default=None, help="keep the data here (default: a temp dir)")
+    p.add_argument("--shards", type=int, default=16, help="shards a batch is assembled from")
+    p.add_argument("--assembly-only", action="store_true", help="only the batch assembly timing")
     args = p.parse_args()
+    print_assembly(args)
+    if args.assembly_only:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)

@@ -57,6 +57,12 @@ class Config(RunOptions):
     bn_splits: int = 8            # sub-batches for split-BN (W == 1)
     # optimisation
     batch_size: int = 256         # global B, kept across resizes
+    # The most images one worker puts through the encoders at once; 0 = no limit. A local batch
+    # b = B // W above it (after a shrink to fewer workers) is taken in equal micro-batches with the
+    # same global batch, queue and loss (BN statistics per micro-batch). Size it as the largest b
+    # whose step fits in the GPU's memory for the run's arch, res and precision: `python
+    # bench/gpu.py --arch A --res R --batch b` on one GPU (resnet50, 224 px, bf16: see docs/design.md).
+    max_batch_per_worker: int = 0
     lr: float = 0.03              # per 256 images
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -253,8 +259,9 @@ def _check_placement(cfg, max_workers, datasets):
             raise ConfigError(f"{key}={value!r}: no such dataset directory")
 
 
-def validate(cfg, max_workers=1):
-    """Impossible values, each as one line, before anything expensive starts."""
+def validate(cfg, max_workers=1, min_workers=None):
+    """Impossible values, each as one line, before anything expensive starts. min_workers: the
+    fewest workers an elastic run may shrink to (default max_workers)."""
     if isinstance(cfg, LinclsConfig):
         return validate_lincls(cfg, max_workers)
     _check_values(cfg, CHOICES,
@@ -262,7 +269,7 @@ def validate(cfg, max_workers=1):
                                 "knn_k", "knn_chunk", "loader_workers"),
                   positive=("lr", "knn_t"),
                   non_negative=("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port",
-                                "report_every", "knn_bank_per_class"))
+                                "report_every", "knn_bank_per_class", "max_batch_per_worker"))
     _check_checkpoints(cfg)
     if not cfg.T > 0:
         raise ConfigError(f"T={cfg.T}: the temperature must be > 0")
@@ -275,7 +282,24 @@ def validate(cfg, max_workers=1):
         raise ConfigError(f"K={cfg.K} is smaller than the global batch {cfg.batch_size}")
     if cfg.K < max_workers:
         raise ConfigError(f"K={cfg.K} cannot be sharded over {max_workers} workers")
+    _check_micro_batches(cfg, min_workers or max_workers, max_workers)
     return cfg
+
+
+def _check_micro_batches(cfg, min_workers, max_workers):
+    """A limit that can never fit: at some world size in MIN..MAX a micro-batch would hold a single
+    image (no BN statistics; BatchNorm1d in the head refuses it). Micro-batches are as equal as
+    possible (moco_ray.step.micro_batches), so any limit >= 3 passes; 2 fails for an odd b > 2."""
+    limit = cfg.max_batch_per_worker
+    if not limit:
+        return
+    from moco_ray.step import micro_batches
+
+    for W in range(min_workers, max_workers + 1):
+        b = cfg.batch_size // W
+        if b > 1 and min(micro_batches(b, limit)) < 2:
+            raise ConfigError(f"max_batch_per_worker={limit}: with {W} workers the local batch of {b} "
+                              f"splits into micro-batches of one image (no BN statistics); use 0 or >= 3")
 
 
 def validate_lincls(cfg, max_workers=1):

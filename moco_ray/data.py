@@ -17,7 +17,16 @@ per shard, all sharing one numba compilation per pipeline and process (see _shar
 is fed, through a registered TraversalOrder, exactly this rank's rows that live in that shard, in
 epoch order, and the batches are reassembled in the epoch order from their outputs. Each shard
 that a step reads from keeps its own prefetch buffers (about 4 x max(16, b / shards) samples), so
-a few shards (1-16) suit training better than many.
+a few shards (1-16) suit training better than many. Opening an epoch stats every shard file twice
+(the largest image area of the dataset, then each shard's reader): O(shards) stats per epoch and
+worker, 2,048 for 1,024 shards (a few ms locally, about a second on a network file system).
+
+Assembly. A batch leaves the loader as one dense uint8 tensor per view, (b, 3, H, W), allocated for
+it and filled with one copy from the shards' decode buffers (`assemble`): pinned when the device is
+CUDA (`pinned_for`), so `.to(device, non_blocking=True)` is an asynchronous DMA and not a hidden
+pageable copy of a strided view. At W=64, B=4096 (b=64, 224 px, two views): 19.3 MB per batch, one
+memcpy of it on the training thread (`bench/data.py` prints it against a plain copy of the same
+bytes), and a pinned pool of a few batches per worker.
 """
 import copy
 import os
@@ -139,11 +148,16 @@ class Batches:
 
 
 def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world_size, res,
-                      aug="v2", device="cpu", num_workers=None, crop_min=CROP_SCALE[0]):
+                      aug="v2", device="cpu", num_workers=None, crop_min=CROP_SCALE[0], views=2,
+                      raw_k=False):
     """Two augmented views per sample: yields (view_q, view_k, label, sample_id), the views float32
     NCHW normalised on `device`, label and sample_id int64 on the CPU. aug: 'v1', 'v2' or None.
     len() = the steps left in this epoch from `start` for this world size. crop_min: the smallest
-    crop area of RandomResizedCrop (MoCo: 0.2)."""
+    crop area of RandomResizedCrop (MoCo: 0.2).
+    views=1: one view per sample, (view, label, sample_id): one crop, half the decode output
+    (linear evaluation). raw_k: view k stays uint8 (on `device`) and un-augmented, for a step that
+    augments it after the shuffle of shuffled BN (moco_ray.step.MoCo: its all_to_all then moves 1
+    byte per pixel, not 4)."""
     path = _check(path)
     n = dataset_info(path)["n"]
     b = int(batch_per_worker)
@@ -153,10 +167,11 @@ def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world
     device = torch.device(device)
 
     def batches():
-        for (q, k), label, sid in _batches(path, rows, sizes, "train", res, num_workers, device,
-                                                 (crop_min, 1.0)):
-            q, k = (augment(v.to(device, non_blocking=True), aug) for v in (q, k))   # independent draws
-            yield q, k, label, sid
+        for host, label, sid in _batches(path, rows, sizes, "train", res, num_workers, device,
+                                         (crop_min, 1.0), views):
+            on_device = [v.to(device, non_blocking=True) for v in host]
+            keep = 1 if raw_k else len(on_device)   # raw_k: view k as it came
+            yield (*(augment(v, aug) for v in on_device[:keep]), *on_device[keep:], label, sid)   # independent draws
 
     return Batches(len(sizes), batches)
 
@@ -183,13 +198,71 @@ def make_eval_loader(path, *, batch_size, rank, world_size, res, device="cpu", n
     return Batches(len(sizes), batches)
 
 
-def _batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
-    """([uint8 views...], label, sample_id) for consecutive slices of `rows` of the given sizes.
-    From ffcv the views may be its own buffers, valid until the next batch is asked for: use them
-    (convert, or copy to the device) before that."""
+def _batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE, views=2):
+    """((uint8 views...), label, sample_id) for consecutive slices of `rows` of the given sizes: the
+    host tensors that go to `device`, each view dense and its own (pinned for CUDA, see
+    pinned_for). views: of a training sample (eval: always 1)."""
     if _is_converted(path):
-        return _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale)
-    return _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale)
+        return _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale, views)
+    return _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale, views)
+
+
+def pinned_for(device):
+    """Whether a batch's host tensors are allocated in pinned memory for `device`: for CUDA, so that
+    the copy to the GPU is asynchronous (from pageable memory torch stages it synchronously)."""
+    return torch.device(device).type == "cuda"
+
+
+class BatchAssembly:
+    """One batch put together from the shards' samples in tensors of its own: each image view a
+    dense (size, 3, H, W) uint8 tensor (the views: one allocation, pinned with pin_memory), label
+    and sample id (size,) int64. Every byte is copied once, when put() gets it: each run of
+    consecutive positions is one numpy slice assignment for all views (numpy's per-call cost is a
+    fraction of torch's: the ~60 runs of a batch of 64 from 16 shards cost about one plain copy of
+    the batch, see bench/data.py)."""
+
+    def __init__(self, size, pin_memory=False):
+        self.size, self.pin_memory, self.images, self._dst = size, pin_memory, None, None
+        self.ints = {k: torch.empty(size, dtype=torch.int64) for k in (M.LABEL, M.ID)}
+
+    def put(self, pos, part):
+        """Samples at positions pos (ascending) of the batch: part, a dict name -> tensor of
+        len(pos) rows as ffcv yields them (image (m, V, 3, H, W) for training, (m, 3, H, W) eval)."""
+        images = part[M.IMAGE] if part[M.IMAGE].dim() == 5 else part[M.IMAGE].unsqueeze(1)
+        if self.images is None:
+            self._allocate(images)
+        src = images.numpy().swapaxes(0, 1)        # (V, m, 3, H, W)
+        breaks = [0, *(np.flatnonzero(np.diff(pos) != 1) + 1), len(pos)]
+        for a, b in zip(breaks[:-1], breaks[1:]):
+            self._dst[:, pos[a]:pos[a] + b - a] = src[:, a:b]
+        for k, v in self.ints.items():
+            v.numpy()[pos] = part[k].numpy().reshape(-1)
+
+    def _allocate(self, images):
+        _, V, C, H, W = images.shape   # (m, V, 3, H, W)
+        if _channels_last(images[:, 0]):   # eval: ffcv's ToTorchImage permutes HWC into NCHW; kept
+            out = torch.empty((V, self.size, H, W, C), dtype=images.dtype, pin_memory=self.pin_memory)
+            out = out.permute(0, 1, 4, 2, 3)
+        else:
+            out = torch.empty((V, self.size, C, H, W), dtype=images.dtype, pin_memory=self.pin_memory)
+        self.images, self._dst = out.unbind(0), out.numpy()
+
+    def result(self):
+        """((views...), label, sample_id)."""
+        return self.images, self.ints[M.LABEL], self.ints[M.ID]
+
+
+def assemble(pieces, size, pin_memory=False):
+    """BatchAssembly of (positions, part) pieces: ((views...), label, sample_id)."""
+    batch = BatchAssembly(size, pin_memory)
+    for pos, part in pieces:
+        batch.put(pos, part)
+    return batch.result()
+
+
+def _channels_last(view):
+    """Whether a (m, 3, H, W) view's rows are laid out channels-last (H, W, 3)."""
+    return view.shape[1] > 1 and not view.is_contiguous() and view[:1].is_contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +285,7 @@ def _feed_order():
     return FeedOrder
 
 
-def _pipelines(kind, res, scale=CROP_SCALE):
+def _pipelines(kind, res, scale=CROP_SCALE, views=2):
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
 
@@ -224,7 +297,7 @@ def _pipelines(kind, res, scale=CROP_SCALE):
                           ToTorchImage()], **ints}
 
     # both views from one decode: (B, 2, 3, res, res) uint8, view q then view k (see two_views)
-    return {M.IMAGE: [TwoViewRandomResizedCrop((res, res), scale=scale), ToTensor()], **ints}
+    return {M.IMAGE: [TwoViewRandomResizedCrop((res, res), scale=scale, views=views), ToTensor()], **ints}
 
 
 def _stat_key(path):
@@ -252,8 +325,16 @@ def _image_area(reader):
     return int(meta["height"].max()) * int(meta["width"].max())
 
 
-def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_SCALE):
-    """An ffcv Loader that reads `order` (rows of one shard), `chunk` rows at a time.
+def _largest_area(man):
+    """The largest image area (height x width) of a dataset's shards, and the shard that has it:
+    one stat of every shard file."""
+    return max((_image_area(_shard_state(man.shard_path(i))[0]), i) for i in range(len(man.shards)))
+
+
+def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_SCALE, views=2,
+                  largest=None):
+    """An ffcv Loader that reads `order` (rows of one shard), `chunk` rows at a time. largest:
+    _largest_area(man), computed once for all of an epoch's shards (else here: O(shards) stats).
 
     numba compiles a Loader's pipeline on first use, seconds to minutes. The compiled code does
     not depend on the file or the batch size, so one template Loader per pipeline serves every
@@ -265,20 +346,18 @@ def _shard_loader(man, shard, order, kind, res, chunk, num_workers, scale=CROP_S
     from ffcv.loader import Loader
 
     num_workers = min(max(1, num_workers), numba.config.NUMBA_NUM_THREADS)   # numba refuses more
-    paths = [man.shard_path(i) for i in range(len(man.shards))]
-    area = max(_image_area(_shard_state(p)[0]) for p in paths)
-    key = (kind, res, num_workers, tuple(scale))
+    area, big = largest or _largest_area(man)
+    key = (kind, res, num_workers, tuple(scale), views)
     if key not in _TEMPLATES or _TEMPLATES[key][1] < area:
-        big = max(paths, key=lambda p: _image_area(_shard_state(p)[0]))
         torch_threads = torch.get_num_threads()
-        template = Loader(str(big), batch_size=chunk, num_workers=num_workers,
-                          order=_feed_order(), pipelines=_pipelines(kind, res, scale),
+        template = Loader(str(man.shard_path(big)), batch_size=chunk, num_workers=num_workers,
+                          order=_feed_order(), pipelines=_pipelines(kind, res, scale, views),
                           drop_last=False, batches_ahead=2)
         torch.set_num_threads(torch_threads)   # ffcv sets torch's thread count to its own
         _TEMPLATES[key] = template, area
     loader = copy.copy(_TEMPLATES[key][0])
-    loader.fname = str(paths[shard])
-    loader.reader, loader.memory_manager = _shard_state(paths[shard])
+    loader.fname = str(man.shard_path(shard))
+    loader.reader, loader.memory_manager = _shard_state(man.shard_path(shard))
     loader.batch_size = chunk
     loader.traversal_order = _feed_order()(loader)
     loader.traversal_order.order = order
@@ -290,40 +369,45 @@ class _ShardStream:
     """The samples of one shard, in the order given, as ffcv decodes them (lazily started).
 
     ffcv writes batches into a ring of batches_ahead + 2 buffers: the batch next() returned is
-    overwritten once next() is called again. take() hands out views of that buffer without a copy
-    (a copy of a 64 x 2 x 224 x 224 x 3 batch is a pass over 19 MB on the training thread), so what
-    it returns is valid until the next take() on this stream; whatever must outlive that (samples
-    kept for the next take, parts joined across batches) is copied."""
+    overwritten once next() is called again. take_into() hands out views of that buffer without a
+    copy, each before it asks ffcv for another batch; what is left of ffcv's batch stays a view for
+    the next take, which uses it before it calls next() again."""
 
     def __init__(self, loader):
         self.loader = loader
-        self.it, self.parts = None, []   # parts: copies, kept from an earlier take
+        self.it, self.rest = None, None   # rest: what is left of ffcv's newest batch
         self.names = list(loader.pipeline_specs)   # the order of ffcv's outputs
         self.torch_threads = torch.get_num_threads()
 
+    def take_into(self, m, consume):
+        """consume(part, i) for the next m samples, part by part (dicts name -> tensor, in order; i:
+        the samples handed out before it), each part valid only until consume returns."""
+        i = 0
+        while i < m:
+            if self.rest is None:
+                self.rest = self._next()
+            n = len(self.rest[M.ID])
+            used = min(m - i, n)
+            consume({k: v[:used] for k, v in self.rest.items()}, i)
+            self.rest = {k: v[used:] for k, v in self.rest.items()} if used < n else None
+            i += used
+
     def take(self, m):
-        """The next m samples: a dict name -> tensor, valid until the next take()."""
-        parts, self.parts = self.parts, []
-        have, fresh = sum(len(p[M.ID]) for p in parts), None   # fresh: the newest batch, ffcv's buffer
-        while have < m:
-            if self.it is None:
-                self.it = iter(self.loader)
-            self._wait_for_batch()
-            if fresh is not None:
-                parts.append(_copy(fresh))   # the next() below may overwrite its buffer
-            fresh = dict(zip(self.names, next(self.it)))
-            # ffcv sets torch's (process-wide) thread count to its own worker count, also from
-            # its producer thread: put the trainer's back once that thread is running
-            if torch.get_num_threads() != self.torch_threads:
-                torch.set_num_threads(self.torch_threads)
-            have += len(fresh[M.ID])
-        if fresh is not None:
-            parts.append(fresh)
-        out = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        rest = {k: v[m:] for k, v in out.items()}
-        if len(rest[M.ID]):
-            self.parts = [_copy(rest) if out is fresh else rest]
-        return {k: v[:m] for k, v in out.items()}
+        """The next m samples: a dict name -> tensor, a copy of their own."""
+        parts = []
+        self.take_into(m, lambda part, _: parts.append(_copy(part)))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _next(self):
+        if self.it is None:
+            self.it = iter(self.loader)
+        self._wait_for_batch()
+        batch = dict(zip(self.names, next(self.it)))
+        # ffcv sets torch's (process-wide) thread count to its own worker count, also from its
+        # producer thread: put the trainer's back once that thread is running
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        return batch
 
     def _wait_for_batch(self):
         # ffcv's reader thread dies on an error (its traceback is printed) and leaves next()
@@ -344,41 +428,32 @@ def _copy(part):
     return {k: v.clone() for k, v in part.items()}
 
 
-def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
+def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE, views=2):
     man = _manifest(str(path), os.stat(Path(path) / M.MANIFEST).st_mtime_ns)
     shard, local = man.shard[rows], man.index[rows]
-    n_shards = len(man.shards)
     step = max(sizes, default=1)
-    chunk = step if n_shards == 1 else max(16, -(-step // n_shards))
+    chunk = step if len(man.shards) == 1 else max(16, -(-step // len(man.shards)))
+    largest = _largest_area(man)
     streams = {s: _ShardStream(_shard_loader(man, s, local[shard == s].astype(np.uint64), kind, res,
-                                             chunk, num_workers, scale))
+                                             chunk, num_workers, scale, views, largest))
                for s in np.unique(shard)}
-    pin = device.type == "cuda"   # pinned host memory: the copy to the GPU overlaps
+    pin = pinned_for(device)
     try:
         pos = 0
         for size in sizes:
-            sh = shard[pos:pos + size]
+            # the shards' samples, back in the epoch order
+            batch, sh = BatchAssembly(size, pin), shard[pos:pos + size]
+            for s in np.unique(sh):
+                where = np.flatnonzero(sh == s)
+                streams[s].take_into(len(where), lambda part, i, batch=batch, where=where:
+                                     batch.put(where[i:i + len(part[M.ID])], part))
+            images, label, sid = batch.result()
             want = man.ids[rows[pos:pos + size]]
-            present = np.unique(sh)
-            if len(present) == 1:
-                out = streams[present[0]].take(size)
-            else:   # interleave the shards' samples back into the epoch order
-                out = None
-                for s in present:
-                    where = torch.from_numpy(np.flatnonzero(sh == s))
-                    got = streams[s].take(len(where))
-                    if out is None:
-                        out = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype) for k, v in got.items()}
-                    for k, v in got.items():
-                        out[k][where] = v
-            sid, label = out[M.ID].view(-1).clone(), out[M.LABEL].view(-1).clone()   # kept by callers
             if not np.array_equal(sid.numpy(), want):
                 raise RuntimeError(f"{path}: the shards do not match the manifest "
                                    f"(expected ids {want[:5]}..., read {sid[:5].tolist()}...)")
             pos += size
-            images = out[M.IMAGE].pin_memory() if pin else out[M.IMAGE]
-            # train: (B, 2, 3, H, W) -> view q, view k, each (B, 3, H, W)
-            yield (images,) if kind == "eval" else images.unbind(1), label, sid
+            yield images, label, sid
     finally:
         for stream in streams.values():
             stream.close()
@@ -408,24 +483,24 @@ class _FolderViews(torch.utils.data.Dataset):
         return [t(img) for t in self.views], label, i
 
 
-def _folder_transforms(kind, res, scale=CROP_SCALE):
+def _folder_transforms(kind, res, scale=CROP_SCALE, views=2):
     from torchvision.transforms import v2 as T
 
     if kind == "eval":
         return [T.Compose([T.Resize(round(res / EVAL_CROP)), T.CenterCrop(res), T.PILToTensor()])]
     return [T.Compose([T.RandomResizedCrop(res, scale=scale, antialias=True),
-                       T.RandomHorizontalFlip(), T.PILToTensor()]) for _ in range(2)]
+                       T.RandomHorizontalFlip(), T.PILToTensor()]) for _ in range(views)]
 
 
-def _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE):
+def _folder_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE, views=2):
     if not sizes:
         return
     folder = _image_folder(str(Path(path).resolve()))
-    dataset = _FolderViews(folder, _folder_transforms(kind, res, scale))
+    dataset = _FolderViews(folder, _folder_transforms(kind, res, scale, views))
     # rows are already this rank's, in order: the sampler just replays them (sizes: all equal
     # but the last)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=sizes[0], sampler=rows[:sum(sizes)].tolist(), num_workers=num_workers,
-        drop_last=False, pin_memory=device.type == "cuda")
-    for views, label, sid in loader:
-        yield views, label.long(), sid.long()
+        drop_last=False, pin_memory=pinned_for(device))
+    for images, label, sid in loader:   # collated: one dense tensor per view
+        yield tuple(images), label.long(), sid.long()

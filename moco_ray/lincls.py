@@ -70,6 +70,7 @@ class LinearEval(Loop):
     top-1/top-5 every eval_every epochs, the sanity check."""
 
     PROGRESS = dict(top1=None, top5=None, best_top1=None, best_epoch=None, sanity_epochs=[])
+    loader_options = dict(views=1)   # one RandomResizedCrop + flip view per image
 
     def build(self):
         cfg = self.cfg
@@ -110,9 +111,9 @@ class LinearEval(Loop):
             return backbone(images).float()
 
     def step(self, batch, epochs_done):
-        """One SGD step of the linear layer on view q of the batch (RandomResizedCrop + flip; the
-        loader's second view is not used). Returns (loss, stats, lr)."""
-        images, _, labels, _ = batch
+        """One SGD step of the linear layer on the batch's one view (RandomResizedCrop + flip).
+        Returns (loss, stats, lr)."""
+        images, labels, _ = batch
         lr = self.set_lr(epochs_done)
         labels = labels.to(self.device, non_blocking=True)
         logits = self.fc(self.features(images))

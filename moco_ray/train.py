@@ -145,7 +145,7 @@ def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=
     workers, storage path, run name). ConfigError on bad input."""
     cfg = C.load(args.config, [*args.set, *overrides], kind)
     workers = parse_workers(args.num_workers)
-    C.validate(cfg, max_workers(workers))
+    C.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
     storage_path = Path(args.storage_path).expanduser().resolve()
     name = run_dir_name(args, storage_path, cfg, prefix)
     return cfg, resolve_data(cfg, splits), workers, storage_path, name

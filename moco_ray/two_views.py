@@ -4,7 +4,8 @@ ffcv's stock RandomResizedCropRGBImageDecoder decodes the whole JPEG for every c
 two views of one image cost two decodes. `TwoViewRandomResizedCrop` decodes each image once and
 cuts both views from that decode, each with its own RandomResizedCrop (ffcv's `get_random_crop`,
 the same distribution as torchvision's RandomResizedCrop.get_params) and its own horizontal flip.
-Its output per sample is (2, 3, H, W) uint8: view q, then view k, each in torch's CHW layout (the
+Its output per sample is (2, 3, H, W) uint8 (views=1: (1, 3, H, W), view q alone, for linear
+evaluation): view q, then view k, each in torch's CHW layout (the
 transpose from OpenCV's HWC, with the flip, happens here in the loader's threads: a float
 conversion of channels-last views on the training thread cost 1.5-3x that of CHW ones).
 
@@ -88,11 +89,15 @@ def split_recorded(out):
 class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImageField, as ffcv's own
     """Decoder for ffcv's RGBImageField: two RandomResizedCrop + RandomHorizontalFlip views of each
     image from one (possibly DCT-scaled) decode. output_size: (H, W); scale, ratio: as
-    torchvision's RandomResizedCrop."""
+    torchvision's RandomResizedCrop. views=1: view q only, (1, 3, H, W) per sample (linear
+    evaluation's training views: one crop, half the output)."""
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), dct_margin=DCT_MARGIN,
-                 record=False):
+                 record=False, views=2):
         super().__init__()
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
+        self.views = views
         self.output_size = tuple(output_size)
         self.scale, self.ratio = np.array(scale, float), np.array(ratio, float)
         self.dct_margin, self.record = dct_margin, bool(record)
@@ -102,7 +107,7 @@ class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImage
     def declare_state_and_memory(self, previous_state):
         heights, widths = self.metadata["height"], self.metadata["width"]
         H, W = self.output_size
-        shape = (2, 3, H + int(self.record), W)
+        shape = (self.views, 3, H + int(self.record), W)
         buffer = int(heights.max()) * int(widths.max()) * 3
         dtype = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
@@ -116,7 +121,7 @@ class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImage
         span_c, planes_c = Compiler.compile(scaled_span), Compiler.compile(to_planes)
         write_c = Compiler.compile(write_params)
         jpg, (H, W), record = IMAGE_MODES["jpg"], self.output_size, self.record
-        scale, ratio = self.scale, self.ratio
+        scale, ratio, views = self.scale, self.ratio, self.views
         margin = 1 << 30 if self.dct_margin is None else self.dct_margin   # None: never scale
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -129,13 +134,15 @@ class TwoViewRandomResizedCrop(SimpleRGBImageDecoder):   # a decoder of RGBImage
                 ik, jk, hk, wk = crop_c(height, width, scale, ratio)
                 d = 1
                 if field["mode"] == jpg:
-                    d = min(denom_c(hq, wq, H, W, margin), denom_c(hk, wk, H, W, margin))
+                    d = denom_c(hq, wq, H, W, margin)
+                    if views == 2:
+                        d = min(d, denom_c(hk, wk, H, W, margin))
                     sh, sw = (height + d - 1) // d, (width + d - 1) // d
                     image = buffers[ix][:sh * sw * 3].reshape(sh, sw, 3)
                     imdecode_c(data, image, height, width, height, width, 0, 0, 1, d, False, False)
                 else:
                     image = data.reshape(height, width, 3)
-                for v in range(2):
+                for v in range(views):
                     i, j, h, w = (iq, jq, hq, wq) if v == 0 else (ik, jk, hk, wk)
                     r0, r1, i, h = span_c(i, h, d, height)
                     c0, c1, j, w = span_c(j, w, d, width)

@@ -119,6 +119,7 @@ class Loop:
     PROGRESS = {}        # the subclass's own progress fields (checkpointed) and their initial values
     aug = None           # the colour augmentation of the training views (moco_ray.augment)
     queue_size = None    # K when every rank checkpoints a queue shard
+    loader_options = {}  # the subclass's make_train_loader options (views, raw_k)
 
     def __init__(self, cfg, run_log=None, run_dir=None):
         import ray.train.torch
@@ -231,7 +232,7 @@ class Loop:
         loader = data.make_train_loader(
             cfg.data, seed=cfg.seed, epoch=epoch, start=p["samples_in_epoch"], batch_per_worker=self.b,
             rank=self.rank, world_size=self.W, res=cfg.res, aug=self.aug, device=self.device,
-            num_workers=cfg.loader_workers, crop_min=cfg.crop_min)
+            num_workers=cfg.loader_workers, crop_min=cfg.crop_min, **self.loader_options)
         t_end = time.perf_counter()
         for batch in loader:   # (view q, view k, label, sample id)
             t_data = time.perf_counter()
@@ -338,6 +339,7 @@ class Worker(Loop):
     """MoCo pretraining on one worker: model, optimizer, loss scaler, queue shard, kNN monitor."""
 
     PROGRESS = dict(knn_init_top1=None, knn_top1=None)
+    loader_options = dict(raw_k=True)   # view k augmented in the step, after the shuffle
 
     def build(self):
         from moco_ray.step import MoCo
@@ -377,11 +379,18 @@ class Worker(Loop):
 
     def step(self, batch, epochs_done):
         """One step of Algorithm 1 (forward both encoders, InfoNCE, enqueue: MoCo.forward), then the
-        SGD update of the query encoder; the loss is scaled for fp16. Returns (loss, stats, lr)."""
+        SGD update of the query encoder; the loss is scaled for fp16. Returns (loss, stats, lr).
+        View k arrives as uint8 (loader option raw_k) and is augmented after the shuffle; b above
+        max_batch_per_worker is taken in micro-batches (moco_ray.step.micro_batches)."""
+        from moco_ray.augment import augment
+        from moco_ray.step import micro_batches
+
         im_q, im_k, _, _ = batch
         lr = self.set_lr(epochs_done)
-        loss, stats = self.model(im_q, im_k, self.progress["step"])
         self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.model(im_q, im_k, self.progress["step"], aug_k=lambda x: augment(x, self.cfg.aug),
+                                 micro=micro_batches(self.b, self.cfg.max_batch_per_worker),
+                                 backward=lambda part: self.scaler.scale(part).backward())
         if precision.backward_and_step(loss, self.optimizer, self.scaler):
             self.progress["skipped_steps"] += 1
         return loss, stats, lr

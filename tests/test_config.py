@@ -75,3 +75,32 @@ def test_cli_rejects_bad_input_before_ray_starts(argv, message, capsys, tmp_path
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("limit, workers", [(2, (2, 2)), (2, (3, 4)), (1, (2, 2))])
+def test_a_micro_batch_limit_that_leaves_one_image_is_refused(limit, workers):
+    # demo: B=64; with 3 workers b=21 splits into micro-batches of 2 and one of 1; with 2 workers
+    # b=32 splits evenly, but a limit of 1 never leaves two
+    cfg = C.load("demo", [f"max_batch_per_worker={limit}"])
+    if workers == (2, 2) and limit == 2:
+        C.validate(cfg, max_workers=2)
+        return
+    with pytest.raises(C.ConfigError, match=f"max_batch_per_worker={limit}: with .* workers .* one image"):
+        C.validate(cfg, max_workers=workers[1], min_workers=workers[0])
+
+
+def test_the_micro_batch_check_covers_the_smallest_world_size():
+    # B=4096 on 4:16 workers: b=1024 after a shrink to 4. A limit of 256 takes it in 4 micro-batches.
+    cfg = C.apply_overrides(C.preset("moco-v2"), {"max_batch_per_worker": 256})
+    assert C.validate(cfg, max_workers=16, min_workers=4) is cfg
+    # demo B=64, limit 2: 4 workers (b=16) fit; a shrink to 3 (b=21) would leave a micro-batch of one
+    demo = C.load("demo", ["max_batch_per_worker=2"])
+    assert C.validate(demo, max_workers=4) is demo
+    with pytest.raises(C.ConfigError, match="with 3 workers the local batch of 21"):
+        C.validate(demo, max_workers=4, min_workers=2)
+
+
+def test_cli_passes_the_smallest_world_size_to_the_micro_batch_check(capsys, tmp_path):
+    assert main(["--num-workers", "3:4", "--set", "max_batch_per_worker=2",
+                 "--storage-path", str(tmp_path)]) == 2
+    assert "with 3 workers the local batch of 21" in capsys.readouterr().err

@@ -149,8 +149,8 @@ def test_eval_slices_cover_everything_once(datasets, kind):
 
 
 def test_takes_across_ffcv_batches_keep_each_samples_pixels(datasets):
-    """take() hands out ffcv's own buffers, which ffcv overwrites one next() later: the samples kept
-    for the next take, and batches joined into one take, must be copies."""
+    """take_into() hands out ffcv's own buffers, which ffcv overwrites one next() later: the rest of
+    a batch kept for the next take is used before the stream asks for another batch."""
     path = datasets["ffcv"]
     man = D._manifest(str(path), (path / M.MANIFEST).stat().st_mtime_ns)
     order = np.sort(man.index[man.shard == 0]).astype(np.uint64)
@@ -177,3 +177,72 @@ def test_shards_with_different_image_sizes_share_one_pipeline(tmp_path):
         assert [id_of(x) for x in unnormalize(q)] == [id_of(x) for x in unnormalize(k)] == sid.tolist()
         ids += sid.tolist()
     assert sorted(ids) == list(range(24))
+
+
+def test_host_batches_are_dense_tensors_of_their_own(datasets):
+    """What goes to .to(device, non_blocking=True): one dense tensor per view, assembled from both
+    shards, not a strided view of a (B, 2, ...) buffer nor ffcv's buffer (it keeps its pixels
+    after the next batch), in pinned memory exactly when the device is CUDA."""
+    path = datasets["ffcv"]
+    rows = D.rank_indices(D.epoch_order(7, 0, N), 0, 8, 0, 1)
+    batches = D._batches(path, rows, [8] * 6, "train", RES, 1, torch.device("cpu"))
+    kept = []
+    for views, label, sid in batches:
+        assert len(views) == 2 and all(v.is_contiguous() and not v.is_pinned() for v in views)
+        assert views[0].data_ptr() != views[1].data_ptr() and views[0].shape == (8, 3, RES, RES)
+        assert [id_of(x) for x in views[0]] == sid.tolist()
+        kept.append((views, views[0].clone(), sid))
+    assert len({int(D._manifest(str(path), (path / M.MANIFEST).stat().st_mtime_ns).shard[r]) for r in rows}) == 2
+    for views, copy, sid in kept:
+        assert torch.equal(views[0], copy)
+    assert D.pinned_for("cuda") and D.pinned_for(torch.device("cuda", 3)) and not D.pinned_for("cpu")
+    (images,), _, sid = next(iter(D._batches(path, np.sort(rows[:8]), [8], "eval", RES, 1, torch.device("cpu"))))
+    assert images.is_contiguous(memory_format=torch.channels_last)   # dense, in ffcv's layout
+    assert [id_of(x) for x in images] == sid.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_host_batches_for_cuda_are_pinned(datasets):
+    rows = D.rank_indices(D.epoch_order(7, 0, N), 0, 8, 0, 1)
+    views, _, _ = next(iter(D._batches(datasets["ffcv"], rows, [8], "train", RES, 1, torch.device("cuda"))))
+    assert all(v.is_pinned() and v.is_contiguous() for v in views)
+
+
+def test_assembly_puts_every_sample_at_its_position():
+    """Pieces from three 'shards', some split over two ffcv batches, as the index_put it replaces."""
+    rng = np.random.default_rng(0)
+    size, shards = 29, rng.integers(0, 3, 29)
+    images = torch.from_numpy(rng.integers(0, 256, (size, 2, 3, 5, 4), dtype=np.uint8))
+    ids = torch.arange(size).view(-1, 1).int()
+    pieces = []
+    for s in range(3):
+        where = np.flatnonzero(shards == s)
+        for part in np.array_split(where, 2):   # two ffcv batches
+            pieces.append((part, {M.IMAGE: images[part].clone(), M.ID: ids[part], M.LABEL: ids[part] % 3}))
+    views, label, sid = D.assemble(pieces, size)
+    assert torch.equal(views[0], images[:, 0]) and torch.equal(views[1], images[:, 1])
+    assert torch.equal(sid, torch.arange(size)) and torch.equal(label, torch.arange(size) % 3)
+    assert all(v.is_contiguous() for v in views)
+
+
+def test_an_epoch_stats_each_shard_file_a_constant_number_of_times(datasets, monkeypatch):
+    calls = []
+    stat_key = D._stat_key
+    monkeypatch.setattr(D, "_stat_key", lambda path: calls.append(path) or stat_key(path))
+    for _ in train_loader(datasets["ffcv"]):
+        pass
+    assert len(calls) <= 2 * 2   # two shards: was shards x (shards + 1)
+
+
+def test_one_view_loader_and_raw_key_views(datasets):
+    for path in datasets.values():
+        one = D.make_train_loader(path, seed=7, epoch=0, start=0, batch_per_worker=B, rank=0, world_size=1,
+                                  res=RES, aug=None, num_workers=1, views=1)
+        images, _, sid = next(iter(one))
+        assert images.dtype == torch.float32 and images.shape == (B, 3, RES, RES)
+        assert [id_of(x) for x in unnormalize(images)] == sid.tolist()
+        raw = D.make_train_loader(path, seed=7, epoch=0, start=0, batch_per_worker=B, rank=0, world_size=1,
+                                  res=RES, aug=None, num_workers=1, raw_k=True)
+        q, k, _, sid = next(iter(raw))
+        assert q.dtype == torch.float32 and k.dtype == torch.uint8 and k.shape == (B, 3, RES, RES)
+        assert [id_of(x) for x in k] == sid.tolist()
