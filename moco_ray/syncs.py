@@ -12,7 +12,8 @@ _local_scalar_dense, which .item(), float(t), int(t) and bool(t) call) and copie
 device to the CPU. On the CPU a read of a tensor
 by tolist() or numpy() dispatches nothing, so it is counted at the Python level instead: it stands
 for the copy that the same code makes on a GPU. A CPU run thus counts what a GPU run would wait for,
-except reads of tensors that stay on the CPU in a GPU run too (there are none on the step path).
+plus reads of tensors that stay on the CPU in a GPU run too (free there): on the step path only the
+shuffle's split sizes at W > 1, computed from its CPU permutation.
 """
 from collections import Counter
 
