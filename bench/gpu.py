@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moco_ray import precision  # noqa: E402
 from moco_ray.augment import augment  # noqa: E402
 from moco_ray.step import MoCo  # noqa: E402
+from moco_ray.syncs import HostSyncs  # noqa: E402
 
 MODES = (("fp32 (TF32)", "fp32", False), ("bf16", "bf16", False), ("bf16 + channels_last", "bf16", True))
 
@@ -93,6 +94,24 @@ def augment_rate(args, device):
     return args.batch * args.steps / (time.perf_counter() - t0)
 
 
+def syncs_per_step(args, device, steps=5):
+    """Host syncs (moco_ray.syncs) per step of the step path without the loop's record: the v2
+    augmentations of two uint8 views, the MoCo step in bf16 and SGD. The target is 0."""
+    torch.manual_seed(0)
+    model = MoCo(arch=args.arch, dim=128, K=args.K, m=0.999, T=0.2, mlp=True, bn="split", bn_splits=8,
+                 precision="bf16").to(device)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    scaler = precision.grad_scaler("bf16", device.type)
+    x = torch.randint(0, 256, (2, args.batch, 3, args.res, args.res), dtype=torch.uint8, device=device)
+    with HostSyncs() as syncs:
+        for step in range(steps):
+            loss, _ = model(augment(x[0], "v2"), augment(x[1], "v2"), step)
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward_and_step(loss, optimizer, scaler)
+    sync(device)
+    return syncs.count / steps, dict(syncs.ops)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
@@ -127,6 +146,8 @@ def main():
     best = max(rate for _, rate, _ in rows)
     print(f"{'v2 augmentations only':<24}{aug:>10.1f}{aug / base:>9.2f}x{'':>11}   "
           f"{aug / best:.1f}x the fastest step (target >= 5x)")
+    per_step, ops = syncs_per_step(args, device)
+    print(f"{'host syncs per step':<24}{per_step:>10.1f}   (augment x2 + bf16 step + SGD; target 0) {ops or ''}")
     print(f"ray imported: {'ray' in sys.modules}, ffcv imported: {'ffcv' in sys.modules}")
 
 

@@ -10,6 +10,11 @@ here on whole batches on the worker's device, with one random draw per sample:
 Each op matches torchvision.transforms.v2.functional on float images in [0, 1]; the colour jitter
 applies its four ops in a random order per sample, as torchvision's ColorJitter does. Call
 `augment` once per view: the two views get independent draws.
+
+The random parameters are drawn on the batch's device, and which samples an op applies to is
+chosen with torch.where, never by indexing with a mask: both would make the host wait for the
+device (a copy of the parameters, a nonzero), 36 times a step before. The price is that a random op
+runs on every sample and keeps its result for the chosen ones (RandomGrayscale, the blur of v2).
 """
 import math
 from functools import lru_cache
@@ -83,6 +88,13 @@ def _rgb_to_hsv(x):
     return h, s, maxc
 
 
+@lru_cache(maxsize=None)
+def _sextants(device):
+    """For each hue sextant i (columns), which of (v, p, q, t) is r, g and b (rows); made once per
+    device, not copied to it per call."""
+    return torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=device)
+
+
 def _hsv_to_rgb(h, s, v):
     h6 = h * 6
     i = torch.floor(h6)
@@ -92,9 +104,7 @@ def _hsv_to_rgb(h, s, v):
     q = (v * (1 - s * f)).clamp_(0, 1)
     t = (v * (1 - s * (1 - f))).clamp_(0, 1)
     vpqt = torch.stack((v, p, q, t), 1)
-    # for each hue sextant i, which of (v, p, q, t) is r, g and b
-    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=h.device)
-    return vpqt.gather(1, table[:, i].movedim(0, 1))
+    return vpqt.gather(1, _sextants(h.device)[:, i].movedim(0, 1))
 
 
 def adjust_hue(x, factor):
@@ -122,52 +132,88 @@ def gaussian_blur(x, sigma, kernel_size=None):
 
 
 def _uniform(n, lo, hi, g, device):
-    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
 def _chance(n, p, g, device):
-    return (torch.rand(n, generator=g) < p).to(device)
+    return torch.rand(n, generator=g, device=device) < p
 
 
-def _subset(x, mask, fn, *args):
-    """Applies fn in place to the samples where mask is set (fn gets the matching rows of args)."""
-    idx = mask.nonzero().squeeze(1)
-    if len(idx):
-        x[idx] = fn(x[idx], *(a[idx] for a in args))
+def _pick(mask, y, x):
+    """y for the samples whose flag in mask (B,) is set, x for the others. Indexing by the mask
+    instead would read how many flags are set (a nonzero): a wait for the device."""
+    return torch.where(_col(mask), y, x)
+
+
+def jitter_params(B, brightness, contrast, saturation, hue, p, generator, device):
+    """The random parameters of B colour jitters, drawn on `device`: factors (4, B) of brightness,
+    contrast, saturation and hue; apply (B,) whether a sample is jittered (RandomApply p); order
+    (B, 4) the sample's random order of the four ops (0..3 in that list)."""
+    factors = torch.stack([
+        _uniform(B, max(0.0, 1 - brightness), 1 + brightness, generator, device),
+        _uniform(B, max(0.0, 1 - contrast), 1 + contrast, generator, device),
+        _uniform(B, max(0.0, 1 - saturation), 1 + saturation, generator, device),
+        _uniform(B, -hue, hue, generator, device),
+    ])
+    apply = _chance(B, p, generator, device)
+    order = torch.rand(B, 4, generator=generator, device=device).argsort(1)
+    return factors, apply, order
+
+
+HUE = 3  # ops 0, 1, 2 (brightness, contrast, saturation) are blends; op 3 (hue) is not
+
+
+def _blend_slot(x, op, factors):
+    """One slot of the jitter on every sample: op (B,) picks brightness (0), contrast (1) or
+    saturation (2) per sample, or nothing (-1). Each is a blend of x with another image (0, the
+    grey mean, the grey image), so one blend with a per-sample partner does any of them; ratio 1
+    returns x exactly (x * 1 + partner * 0, clamped to [0, 1] where x already is)."""
+    gray = grayscale(x)
+    partner = _col(op == 1) * gray.mean(dim=(1, 2, 3), keepdim=True) + _col(op == 2) * gray
+    ratio = torch.where(op >= 0, factors.gather(0, op.clamp(min=0)[None])[0], 1.0)
+    return _blend(x, partner, ratio)
+
+
+def apply_jitter(x, factors, apply, order):
+    """The jitter of jitter_params on the float batch x, without indexing by masks: each sample's
+    ops before its hue step (slots 0-2), the hue of every jittered sample, then its ops after the
+    hue step (slots 1-3). Six blends and one hue pass over the batch, against four hue passes
+    for a plain slot-by-slot blend; the hue conversion is the costly op."""
+    t_hue = (order == HUE).int().argmax(1)
+    none = torch.full_like(order[:, 0], -1)
+    for t in range(3):
+        x = _blend_slot(x, torch.where(apply & (t < t_hue), order[:, t], none), factors)
+    x = _pick(apply, adjust_hue(x, factors[HUE]), x)
+    for t in range(1, 4):
+        x = _blend_slot(x, torch.where(apply & (t > t_hue), order[:, t], none), factors)
     return x
 
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0, generator=None):
-    """In place on the float batch x, like random_grayscale and random_blur."""
-    B, dev = len(x), x.device
-    factors = [
-        _uniform(B, max(0.0, 1 - brightness), 1 + brightness, generator, dev),
-        _uniform(B, max(0.0, 1 - contrast), 1 + contrast, generator, dev),
-        _uniform(B, max(0.0, 1 - saturation), 1 + saturation, generator, dev),
-        _uniform(B, -hue, hue, generator, dev),
-    ]
-    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
-    apply = _chance(B, p, generator, dev)
-    order = torch.rand(B, 4, generator=generator).argsort(1).to(dev)   # a random op order per sample
-    for t in range(4):
-        for k, op in enumerate(ops):
-            x = _subset(x, apply & (order[:, t] == k), op, factors[k])
-    return x
+    """torchvision's RandomApply(ColorJitter(...), p) per sample of the float batch x; returns the
+    jittered batch (x itself may be overwritten). generator: on x's device, or None for that
+    device's default generator (torch.manual_seed seeds it)."""
+    params = jitter_params(len(x), brightness, contrast, saturation, hue, p, generator, x.device)
+    return apply_jitter(x, *params)
 
 
 def random_grayscale(x, p, generator=None):
-    return _subset(x, _chance(len(x), p, generator, x.device), lambda y: grayscale(y).expand_as(y))
+    return _pick(_chance(len(x), p, generator, x.device), grayscale(x).expand_as(x), x)
 
 
 def random_blur(x, sigma, p, generator=None):
+    """The blur runs on every sample and the unblurred ones are kept: a blur of only the chosen
+    samples would need their count on the host."""
     s = _uniform(len(x), sigma[0], sigma[1], generator, x.device)
-    return _subset(x, _chance(len(x), p, generator, x.device), gaussian_blur, s)
+    return _pick(_chance(len(x), p, generator, x.device), gaussian_blur(x, s), x)
 
 
 def augment(x, version, generator=None):
     """x: (B, 3, H, W) uint8 or float in [0, 1], already cropped and flipped. Returns the
     augmented, normalised float32 batch on x's device (x itself is not modified). version: 'v1',
-    'v2', or None / 'none' (normalise only). generator: an optional CPU torch.Generator for the random parameters."""
+    'v2', or None / 'none' (normalise only). generator: an optional torch.Generator on x's device
+    for the random parameters; None draws from that device's default generator, which
+    torch.manual_seed seeds. Nothing is read back to the host: no step waits for the device here."""
     if version not in VERSIONS:
         raise ValueError(f"augmentation {version!r} is not one of {VERSIONS}")
     if version in (None, "none") and x.dtype == torch.uint8:

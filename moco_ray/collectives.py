@@ -3,7 +3,9 @@
 `all_gather` and `all_to_all` are autograd-aware. They are written here on top of the plain
 c10d ops (all_gather_single, reduce_scatter_single, all_to_all_single, all of which run on gloo
 and nccl) instead of the deprecated torch.distributed.nn.functional, whose gloo backward
-emulates reduce-scatter with W scatters.
+emulates reduce-scatter with W scatters. all_gather_single and reduce_scatter_single are torch
+2.14's names; earlier releases (2.11 on the lent GPU machines) have the same ops as
+all_gather_into_tensor and reduce_scatter_tensor, which `_c10d` picks.
 """
 import torch
 import torch.distributed as dist
@@ -16,13 +18,19 @@ def world(group=None):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _c10d(name, fallback):
+    """torch.distributed's `name`, or `fallback` (same arguments) on a torch without it. Looked up
+    at each call, so that what the running torch offers decides."""
+    return getattr(dist, name, None) or getattr(dist, fallback)
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         _, W = world(group)
         out = x.new_empty((W * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous(), group=group)
+        _c10d("all_gather_single", "all_gather_into_tensor")(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -30,7 +38,7 @@ class _AllGather(torch.autograd.Function):
         # every rank used every slice: the gradient of a rank's input is the sum over ranks
         _, W = world(ctx.group)
         gx = grad.new_empty((grad.shape[0] // W,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_single(gx, grad.contiguous(), group=ctx.group)
+        _c10d("reduce_scatter_single", "reduce_scatter_tensor")(gx, grad.contiguous(), group=ctx.group)
         return gx, None
 
 

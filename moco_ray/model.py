@@ -13,6 +13,13 @@ class SplitBatchNorm(nn.BatchNorm2d):
     Sample j belongs to split j % num_splits (as in the authors' single-GPU demo). The parameters
     and buffers are those of BatchNorm2d, so state dicts are interchangeable; num_splits is not
     saved and can be changed at any time with set_bn_splits.
+
+    The output keeps the input's memory format. Grouping S samples into S*C channels is a view only
+    in the contiguous (NCHW) format (in channels_last, channel c of sample s sits at s*H*W*C + c:
+    not one stride), so a channels_last batch is copied into NCHW for the statistics either way;
+    the result is copied back to channels_last here, so that the ReLU, the residual add and the
+    next convolution see the format the model runs in instead of a mix (one copy for the one the
+    next convolution would make).
     """
 
     def __init__(self, num_features, num_splits=1, **kw):
@@ -38,6 +45,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         # (N, C) -> (N/S, S*C): channel s*C + c of row a is channel c of sample a*S + s
         out = F.batch_norm(input.reshape(-1, S * C, H, W), running_mean, running_var,
                            weight, bias, True, momentum, self.eps).reshape(N, C, H, W)
+        if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
         if self.track_running_stats:
             self.running_mean.copy_(running_mean.view(S, C).mean(0))
             self.running_var.copy_(running_var.view(S, C).mean(0))

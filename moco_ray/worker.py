@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from moco_ray import checkpoint, config as C, precision, train_state
+from moco_ray.records import LazyRecord, due
 from moco_ray.sample_log import SampleLog
 
 log = logging.getLogger("moco_ray")
@@ -60,9 +61,9 @@ def backbone_of(encoder):
 
 
 def queue_age(queue, step):
-    """Age in steps of the oldest key written by training (initial random keys excluded)."""
-    written = queue.steps[queue.steps >= 0]
-    return step - int(written.min()) if len(written) else 0
+    """Age in steps of the oldest key written by training (initial random keys, step -1, excluded;
+    0 before any), as a 0-dim tensor on the queue's device: computing it waits for nothing."""
+    return step - torch.where(queue.steps >= 0, queue.steps, step).amin()
 
 
 def rss_bytes():
@@ -259,26 +260,45 @@ class Loop:
             group["lr"] = lr
         return lr
 
+    @property
+    def last(self):
+        """The newest step record, as checkpoints and the epoch's end report it: reading it reads
+        the step's device values if no record read them yet (a wait for the device)."""
+        return self._last.get()
+
+    @last.setter
+    def last(self, record):
+        self._last = LazyRecord(record)
+
     def record(self, loss, stats, lr, epoch, step_time, data_wait):
-        """This step's metrics: to this worker's Prometheus endpoint every step, and from rank 0 to
-        the driver every report_every steps."""
+        """This step's metrics, without waiting for the device on most steps. The host values (times,
+        counts, lr) go to this worker's Prometheus endpoint every step; the device values (loss,
+        accuracy, the subclass's step_fields) stay tensors and are read, in one copy, only when the
+        record is due: every report_every steps (then Prometheus gets them, and rank 0 sends the
+        record to the driver), or when a checkpoint or the epoch's end reads self.last. With
+        report_every=0 Prometheus shows no loss, accuracy or queue age."""
         p = self.progress
-        self.last = {
+        host = {
             "event": "step", "step": p["step"], "epoch": epoch, "samples_in_epoch": p["samples_in_epoch"],
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "loss": loss.item(), "lr": lr, "accuracy": float(stats["acc"]), "images": self.images_seen,
+            "lr": lr, "images": self.images_seen,
             "step_time_s": step_time, "data_wait_s": data_wait,
             "data_wait_share": data_wait / max(step_time, 1e-9),
             "images_per_s": self.images_seen * self.W / (time.perf_counter() - self.t_run),
             "batch_effective": self.B, "world_size": self.W, "restarts": p["starts"] - 1,
-            "skipped_steps": p["skipped_steps"], **self.step_fields(), **self.measures(),
+            "skipped_steps": p["skipped_steps"], **self.measures(),
             "rss_bytes": rss_bytes(),
         }
         if self.device.type == "cuda":
-            self.last["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
+            host["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
+        self._last = LazyRecord(host, {"loss": loss.detach(), "accuracy": stats["acc"]}, self.step_fields)
+        if not due(p["step"], self.cfg.report_every):
+            if self.meter:
+                self.meter.update(host)
+            return
         if self.meter:
             self.meter.update(self.last)
-        if self.publisher and self.cfg.report_every and p["step"] % self.cfg.report_every == 0:
+        if self.publisher:
             self.publisher.send(self.last)
 
     def end_epoch(self):
@@ -331,7 +351,8 @@ class Loop:
         return None
 
     def step_fields(self):
-        """The subclass's own fields of a step record."""
+        """The subclass's own fields of a step record, read when the record is (device tensors are
+        welcome: they are read with the loss)."""
         return {}
 
 

@@ -97,6 +97,24 @@ def _collective_grads(rank, W):
     receivers = torch.cat([torch.full((n,), s) for s, n in enumerate(in_splits)])
     assert_close(x.grad[:, 0], (10 * (receivers + 1) + rank + 1).float())
 
+
 @pytest.mark.parametrize("W", [3])
 def test_collectives_gradients(W):
     run_gloo(_collective_grads, W)
+
+
+def _equivalence_on_older_torch(rank, W):
+    # torch < 2.14 has no all_gather_single / reduce_scatter_single: hide them in this process
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            delattr(dist, name)
+    assert not hasattr(dist, "all_gather_single")
+    return _equivalence(rank, W)
+
+
+def test_sharded_info_nce_without_the_torch_2_14_collectives():
+    """The lent GPU machines run torch 2.11: the collectives fall back to all_gather_into_tensor and
+    reduce_scatter_tensor, with the same loss and gradients (the gradient goes through the
+    reduce-scatter)."""
+    losses = run_gloo(_equivalence_on_older_torch, 2)
+    assert losses == run_gloo(_equivalence, 2)

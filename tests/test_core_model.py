@@ -79,3 +79,15 @@ def test_sync_bn_conversion_keeps_the_state_dict():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(encoder))
     assert not any(isinstance(m, SplitBatchNorm) for m in synced.modules())
     assert list(synced.state_dict()) == list(encoder.state_dict())
+
+
+def test_split_bn_keeps_channels_last():
+    """A channels_last batch comes out channels_last (not NCHW, which would make the next layers mix
+    formats), with the values and running statistics of the NCHW batch."""
+    x = torch.randn(6, 4, 5, 3, generator=torch.Generator().manual_seed(0))
+    plain, last = SplitBatchNorm(4, num_splits=3).train(), SplitBatchNorm(4, num_splits=3).train()
+    y_plain, y_last = plain(x), last(x.contiguous(memory_format=torch.channels_last))
+    assert y_last.is_contiguous(memory_format=torch.channels_last) and not y_last.is_contiguous()
+    assert y_plain.is_contiguous()
+    torch.testing.assert_close(y_last, y_plain)
+    torch.testing.assert_close(last.running_var, plain.running_var)

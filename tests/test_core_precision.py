@@ -1,5 +1,6 @@
 """Mixed precision on the CPU (autocast bf16/fp16, GradScaler) and the fused momentum update."""
 import copy
+import re
 
 import pytest
 import torch
@@ -147,3 +148,19 @@ def test_gpu_benchmark_runs_without_ray_or_ffcv():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ray imported: False, ffcv imported: False" in run.stdout
     assert "bf16 + channels_last" in run.stdout and "v2 augmentations only" in run.stdout
+    assert re.search(r"host syncs per step +0\.0 ", run.stdout), run.stdout
+
+
+def test_cuda_backends_keep_tf32_for_convolutions_and_fp32_for_matmuls():
+    """The decision, checked on the flags (setting them needs no GPU): the encoders' convolutions
+    in TF32, every matmul (the InfoNCE's q @ queue, l_pos) in true fp32, as the docs promise."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        precision.configure_backends(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "ieee"
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = flags

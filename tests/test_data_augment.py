@@ -73,3 +73,53 @@ def test_normalise_only_and_bad_version():
     assert_close(y[0, :, 0, 0], (1 - torch.tensor(A.MEAN)) / torch.tensor(A.STD))
     with pytest.raises(ValueError, match="augmentation 'v3'"):
         A.augment(x, "v3")
+
+
+def test_jitter_applies_each_samples_ops_in_its_order():
+    """The mask-free jitter is, sample by sample, torchvision's ColorJitter: the four ops with the
+    drawn factors in the drawn order, or nothing when RandomApply said no."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 3, 5, 7, generator=g)
+    params = A.jitter_params(len(x), 0.4, 0.4, 0.4, 0.1, 0.8, g, x.device)
+    factors, apply, order = params
+    assert 0 < int(apply.sum()) < len(x) and len({tuple(o) for o in order.tolist()}) > 5
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    expected = []
+    for i, img in enumerate(x):
+        for k in order[i].tolist() if apply[i] else []:
+            img = ops[k](img, float(factors[k, i]))
+        expected.append(img)
+    assert_close(A.apply_jitter(x.clone(), *params), torch.stack(expected), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_augment_never_waits_for_the_device_nor_copies_to_it(version):
+    """On the meta device (a device that is not the CPU, with no data): no op reads device data
+    (nonzero, item, copies back) and nothing is copied from the CPU per call: the random
+    parameters are drawn on the device. The constant tables are made once per device."""
+    from moco_ray.syncs import HostSyncs
+
+    x = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
+    A.augment(x, version)                                             # the per-device constants
+    with HostSyncs() as syncs:
+        for _ in range(3):
+            y = A.augment(x, version)
+    assert syncs.count == 0 and not syncs.uploads, (syncs.ops, syncs.uploads)
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_host_sync_counter_counts_reads_of_device_data():
+    from moco_ray.syncs import HostSyncs
+
+    t = torch.tensor([0.0, 2.0, 0.0])
+    with HostSyncs() as syncs:
+        t[t > 1].sum().item()            # boolean-mask indexing (a nonzero inside); item: _local_scalar_dense
+        float(t.max()), t.tolist()       # _local_scalar_dense; tolist stands for a copy back
+        (t * 2).exp_()                   # no read
+    assert dict(syncs.ops) == {"mask_index": 1, "_local_scalar_dense": 2, "tolist": 1}
+    with HostSyncs() as syncs, pytest.raises(NotImplementedError):
+        torch.empty(2, device="meta").to("cpu")                       # a copy back, counted first
+    assert dict(syncs.ops) == {"_to_copy": 1}
+    with HostSyncs() as syncs:
+        t.nonzero(), t.masked_fill_(t > 1, 0.0), t.index_put_((t > 1,), torch.tensor(1.0))
+    assert dict(syncs.ops) == {"nonzero": 1, "mask_index": 1}
