@@ -306,8 +306,25 @@ def test_wandb_offline_needs_no_network_and_a_continuation_resumes_the_run(tmp_p
 
 
 # ----------------------------------------------------------------------------------------------------
-# The CLI
+# The RunLog actor and the CLI
 # ----------------------------------------------------------------------------------------------------
+
+def test_the_run_log_actor_gets_the_drivers_tracker_variables(ray_session, tmp_path, monkeypatch):
+    """An actor does not inherit the driver's environment (under `ray job submit` the driver is
+    not the raylet's parent): start_run_log passes MLFLOW_* and WANDB_* on."""
+    from moco_ray.progress import start_run_log
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "passed-on")
+    run_dir = tmp_path / "run"
+    actor = start_run_log(run_dir, trackers=trackers.build("tensorboard", run_dir))
+    assert ray_session.get(actor.__ray_call__.remote(lambda self: os.environ.get("MLFLOW_EXPERIMENT_NAME"))) \
+        == "passed-on"
+    ray_session.get([actor.record.remote(r) for r in records(0, 3, 2, end=True)])
+    stats = ray_session.get(actor.flush_trackers.remote(60))
+    assert stats == {"tensorboard": {"dropped": 0, "errors": 0, "queued": 0}}
+    assert [e.step for e in tensorboard_events(run_dir).Scalars("moco_loss")] == [1, 2, 3, 3]
+    ray_session.kill(actor)
+
 
 @pytest.mark.slow
 def test_cli_log_to_tensorboard_writes_the_run_records(ray_session, digits, tmp_path):
