@@ -15,6 +15,7 @@ moco_knn_top1_percent, ...), so a metric has one name in Grafana, TensorBoard, M
 A continued run (--resume) continues the same tracker run: TensorBoard appends to RUN_DIR/tb/, MLflow
 and W&B find their run id in RUN_DIR (mlflow_run.json, wandb_run.json).
 """
+import contextlib
 import importlib.util
 import json
 import math
@@ -63,11 +64,48 @@ def build(log_to, run_dir, mlflow_uri=""):
     made = []
     for name in check(log_to):
         if name == "mlflow":
-            uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-            made.append(MlflowTracker(run_dir, uri))
+            # A sweep's trial (STORAGE/SWEEP/TRIAL/train) is a child of the sweep's run, on its server
+            parent = _read_json(run_dir.parent.parent / MlflowTracker.STATE)
+            uri = parent.get("tracking_uri") or mlflow_uri_of(mlflow_uri, run_dir.parent)
+            made.append(MlflowTracker(run_dir, uri, parent.get("run_id")))
         else:
             made.append(TRACKERS[name](run_dir))
     return made
+
+
+def mlflow_uri_of(mlflow_uri, storage_path):
+    """The config's mlflow_uri, else $MLFLOW_TRACKING_URI, else an sqlite file in the storage path."""
+    return mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(storage_path) / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def sweep_run(sweep_dir, config):
+    """With mlflow in config["log_to"]: the sweep's own MLflow run (its config as params) while the
+    trials run, the parent of the trials' runs, which find it in SWEEP_DIR/mlflow_run.json. A
+    tracker error is a warning: the sweep goes on."""
+    if "mlflow" not in names(config.get("log_to")):
+        yield
+        return
+    sweep_dir = Path(sweep_dir)
+    parent = MlflowTracker(sweep_dir, mlflow_uri_of(config.get("mlflow_uri"), sweep_dir.parent))
+    if _quietly(parent.open, "opening the sweep's run"):
+        _quietly(lambda: parent.params(flat_params(config)), "the sweep's params")
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if getattr(parent, "run_id", None):
+            _quietly(lambda: parent.finish(failed), "closing the sweep's run")
+
+
+def _quietly(fn, what):
+    try:
+        fn()
+        return True
+    except Exception as e:
+        _warn(f"mlflow: {what}: {type(e).__name__}: {e}")
+        return False
 
 
 def driver_env():
@@ -190,14 +228,16 @@ class TensorBoardTracker(Tracker):
 
 class MlflowTracker(Tracker):
     """One MLflow run per moco_ray run (its id in RUN_DIR/mlflow_run.json), in the experiment
-    $MLFLOW_EXPERIMENT_NAME (default moco_ray); a continuation sets the same run RUNNING again."""
+    $MLFLOW_EXPERIMENT_NAME (default moco_ray); a continuation sets the same run RUNNING again.
+    A sweep's trials are child runs of the sweep's run (sweep_run)."""
 
     name, module = "mlflow", "mlflow"
     STATE = "mlflow_run.json"
 
-    def __init__(self, run_dir, tracking_uri):
+    def __init__(self, run_dir, tracking_uri, parent_run_id=None):
         super().__init__(run_dir)
         self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
 
     def open(self):
         from mlflow.tracking import MlflowClient
@@ -212,7 +252,10 @@ class MlflowTracker(Tracker):
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
             tags = {"moco_ray.run_dir": str(self.run_dir)}
-            self.run_id = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags=tags).info.run_id
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            name = self.run_dir.parent.name if self.parent_run_id else self.run_dir.name   # TRIAL/train
+            self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
             _write_json(self.run_dir / self.STATE, {"tracking_uri": self.tracking_uri, "run_id": self.run_id})
         # MLflow refuses to change a logged param: a continuation (--allow-change epochs) keeps the first
         self.logged = set(self.client.get_run(self.run_id).data.params)

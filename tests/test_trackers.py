@@ -238,6 +238,30 @@ def test_mlflow_one_run_per_run_continued_not_duplicated(mlflow_server, tmp_path
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
 
 
+def test_mlflow_sweep_is_the_parent_of_its_trials(mlflow_server, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "moco_ray-sweep-test")
+    sweep_dir = tmp_path / "sweep-demo"
+    config = dict(CONFIG, log_to="mlflow", mlflow_uri=mlflow_server)
+    with trackers.sweep_run(sweep_dir, config):
+        for trial in ("trial_a", "trial_b"):   # the trials' drivers: make_trainer's build()
+            run_dir = sweep_dir / trial / "train"
+            feed(run_log(run_dir, *trackers.build("mlflow", run_dir)), records(0, 3, 1, end=True))
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("moco_ray-sweep-test")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["sweep-demo", "trial_a", "trial_b"]   # a trial's run is named after its trial
+    parent = runs["sweep-demo"]
+    assert parent.info.status == "FINISHED" and parent.data.params["log_to"] == "mlflow"
+    children = [r for r in client.search_runs([experiment.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["moco_ray.run_dir"] for r in children) == \
+        [str(sweep_dir / "trial_a" / "train"), str(sweep_dir / "trial_b" / "train")]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["moco_loss"] == pytest.approx(5.7)
+               for r in children)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Weights & Biases, offline
 # ----------------------------------------------------------------------------------------------------
