@@ -8,6 +8,7 @@ the per-worker loop sends them; one CLI run checks the path from --log-to to RUN
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -204,8 +205,12 @@ def mlflow_server(tmp_path_factory):
             pytest.fail("mlflow server did not come up: " + (root / "server.log").read_text()[-3000:])
         yield uri
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:   # its job runners may outlive a graceful stop
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
         log.close()
 
 
