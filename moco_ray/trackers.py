@@ -209,7 +209,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard.summary import hparams
 
         # The HParams tab, in this run's own event files (SummaryWriter.add_hparams opens a new run)
-        for summary in hparams(config, {"moco_knn_top1_percent": math.nan}):
+        for summary in hparams(config, {BY_KEY["knn_top1"].name: math.nan}):
             self.writer.file_writer.add_summary(summary)
 
     def scalars(self, step, values, walltime):
