@@ -30,6 +30,8 @@ class RunOptions:
     keep_checkpoints: int = 3
     metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
     sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
+    log_to: str = ""              # trackers that get the run's records: any of tensorboard,mlflow,wandb (moco_ray.trackers)
+    mlflow_uri: str = ""          # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///STORAGE/mlflow.db
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -230,6 +232,8 @@ def _check_values(cfg, choices, at_least_one, positive, non_negative):
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
     if not 0 < cfg.crop_min <= 1:
         raise ConfigError(f"crop_min={cfg.crop_min} must be in (0, 1]")
+    from moco_ray.trackers import check
+    check(cfg.log_to)   # known trackers whose libraries are installed
     for key in positive:
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")

@@ -6,7 +6,8 @@
   Publisher, which never waits (at most MAX_IN_FLIGHT records in flight, the rest dropped and
   counted), so a slow or dead RunLog never stalls the step. ProgressCallback, in the Ray Train
   controller, forwards the reports that carry a checkpoint (epoch ends, periodic saves, the end),
-  with the checkpoint's path.
+  with the checkpoint's path. With --log-to, the RunLog hands every record to the run's trackers
+  (moco_ray.trackers), each on its own thread, never waited for.
 - watch(run_dir, fit_fn) runs on the driver: it calls fit_fn() (trainer.fit) in the calling thread
   and, meanwhile, tails RUN_DIR/metrics.jsonl from a daemon thread and shows the progress: a tqdm bar
   when stdout is a terminal, one line per report when it is not (`ray job logs`, CI).
@@ -96,14 +97,18 @@ class RunLog:
     """Appends records to RUN_DIR/metrics.jsonl and prints the start/restart/resize lines.
 
     print_reports: also print one line per step record (for runs without watch(); with watch() the
-    driver prints them, so the default is not to)."""
+    driver prints them, so the default is not to). trackers: moco_ray.trackers.Tracker objects; each
+    gets every record, and the start/restart/resize lines, on its own thread (never waited for)."""
 
-    def __init__(self, run_dir, print_reports=False):
+    def __init__(self, run_dir, print_reports=False, trackers=()):
+        from moco_ray.trackers import TrackerThread
+
         self.run_dir = Path(run_dir)
         self.print_reports = print_reports
         self.world_size = None
         self.max_step = 0
         self.segment_start = None
+        self.trackers = [TrackerThread(t) for t in trackers]
 
     def remember_run(self, run_id):
         """Records the Ray Train run id with this driver's job (moco_ray.reservation)."""
@@ -118,24 +123,39 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(m, default=str) + "\n")
+        line = None
         if m.get("event") == "start":
-            print(start_line(m, self.world_size, self.max_step), flush=True)
+            line = start_line(m, self.world_size, self.max_step)
+            print(line, flush=True)
             self.world_size = m.get("world_size")
             self.segment_start = (m["time"], m.get("step", 0))
         elif is_step_report(m):
             self.max_step = max(self.max_step, m["step"])
             if self.print_reports:
                 print(format_line(m, _eta(self.segment_start, m)), flush=True)
+        for tracker in self.trackers:
+            tracker.submit(m, line)
+
+    def flush_trackers(self, timeout_s=30.0):
+        """Wait (bounded) until the trackers have the records written so far; their counts:
+        {tracker: {"dropped", "errors", "queued"}}."""
+        for tracker in self.trackers:
+            tracker.flush(timeout_s)
+        return {t.tracker.name: t.stats() for t in self.trackers}
 
 
-def start_run_log(run_dir, print_reports=False):
-    """A RunLog actor pinned to this (the driver's) node, where RUN_DIR is written and tailed."""
+def start_run_log(run_dir, print_reports=False, trackers=()):
+    """A RunLog actor pinned to this (the driver's) node, where RUN_DIR is written and tailed; with
+    trackers, it gets the driver's MLFLOW_* and WANDB_* variables (an actor does not inherit them)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from moco_ray.trackers import driver_env
+
     here = ray.get_runtime_context().get_node_id()
+    env = {"runtime_env": {"env_vars": driver_env()}} if trackers and driver_env() else {}
     actor = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
-    return actor.remote(str(run_dir), print_reports)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), **env)
+    return actor.remote(str(run_dir), print_reports, list(trackers))
 
 
 class Publisher:

@@ -60,6 +60,8 @@ def add_run_arguments(p, presets):
     p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
                    help="where runs, checkpoints and metrics are stored (shared storage on a cluster)")
     p.add_argument("--name", default=None, help="run name (default: CONFIG-TIMESTAMP)")
+    p.add_argument("--log-to", default=None, metavar="tensorboard,mlflow,wandb",
+                   help="trackers that get the run's records (config key log_to; default none)")
     rundir.add_arguments(p)
 
 
@@ -89,7 +91,10 @@ def run_dir_name(args, storage_path, cfg, prefix=""):
     name, continuing = rundir.resolve(storage_path, args.name, args.resume,
                                       f"{prefix}{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if continuing:
-        rundir.check_config(storage_path / name, cfg.to_dict(), rundir.allowed_changes(args.allow_change))
+        from moco_ray import trackers
+
+        allowed = rundir.allowed_changes(args.allow_change) | set(trackers.KEYS)
+        rundir.check_config(storage_path / name, cfg.to_dict(), allowed)
     return name
 
 
@@ -101,11 +106,13 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from moco_ray import trackers
     from moco_ray.progress import ProgressCallback, start_run_log
     from moco_ray.worker import train_func
 
     release_reservation(Path(storage_path) / name)
-    run_log = start_run_log(Path(storage_path) / name)
+    run_log = start_run_log(Path(storage_path) / name,
+                            trackers=trackers.build(cfg.log_to, Path(storage_path) / name, cfg.mlflow_uri))
 
     scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                       resources_per_worker=None if use_gpu else {"CPU": 1},
@@ -143,7 +150,8 @@ def release_reservation(run_dir):
 def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=""):
     """Everything checked before Ray starts: (config as given, config with the data resolved,
     workers, storage path, run name). ConfigError on bad input."""
-    cfg = C.load(args.config, [*args.set, *overrides], kind)
+    log_to = [] if getattr(args, "log_to", None) is None else [f"log_to={args.log_to}"]
+    cfg = C.load(args.config, [*args.set, *log_to, *overrides], kind)
     workers = parse_workers(args.num_workers)
     C.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
     storage_path = Path(args.storage_path).expanduser().resolve()
@@ -179,8 +187,30 @@ def fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name, loop=None):
     t0 = time.perf_counter()
     trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
                            resize_interval_s=args.resize_interval_s, loop=loop)
-    result = watch(storage_path / name, trainer.fit)
+    try:
+        result = watch(storage_path / name, trainer.fit)
+    finally:
+        if cfg.log_to:
+            flush_trackers(trainer)
     return result, time.perf_counter() - t0
+
+
+def flush_trackers(trainer, timeout_s=30.0):
+    """Wait (bounded) until the trackers have every record: the driver's exit ends the RunLog actor."""
+    import ray
+
+    from moco_ray.progress import PREFIX
+
+    try:
+        stats = ray.get(trainer.train_loop_config["run_log"].flush_trackers.remote(timeout_s),
+                        timeout=4 * timeout_s)
+    except Exception as e:
+        print(f"{PREFIX} trackers: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return
+    for name, s in stats.items():
+        if s["dropped"] or s["errors"] or s["queued"]:
+            print(f"{PREFIX} {name}: {s['dropped']} records dropped, {s['errors']} failed, "
+                  f"{s['queued']} undelivered", file=sys.stderr, flush=True)
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
 # The CRDs are 40,000 lines: libyaml reads them in a second, the pure-Python loader in ten.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim"}
+CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap"}
 RAY_KINDS = {"RayCluster", "RayJob"}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 RBAC_KINDS = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}

@@ -434,6 +434,7 @@ def main(argv=None):
 
     import ray
 
+    from moco_ray import trackers
     from tune import results as R
     from tune.cleanup import release_at_end
 
@@ -456,7 +457,8 @@ def main(argv=None):
           f"epochs each", flush=True)
 
     t0 = time.perf_counter()
-    build_tuner(spec, max_concurrent).fit()
+    with trackers.sweep_run(path, spec["cfg"]):   # --set log_to=mlflow: the trials' parent run
+        build_tuner(spec, max_concurrent).fit()
     wall = time.perf_counter() - t0
     release_at_end(spec["started_ms"])
     rows = R.collect(path, spec)
