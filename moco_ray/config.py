@@ -339,6 +339,11 @@ def for_device(cfg, cuda):
     from moco_ray.precision import resolve
 
     precision, channels_last = resolve(cfg.precision, cfg.channels_last, cuda)
+    if cfg.channels_last == "auto" and hasattr(cfg, "arch"):
+        from moco_ray.encoders import is_vit
+
+        if is_vit(cfg.arch):   # a ViT has no 4-D activations past its patch embedding
+            channels_last = "false"
     if precision == "fp16" and not cuda:
         raise ConfigError("precision=fp16 needs a GPU here; use bf16 or fp32 on the CPU")
     return dataclasses.replace(cfg, precision=precision, channels_last=channels_last)

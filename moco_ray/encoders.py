@@ -41,6 +41,13 @@ def kind(arch: str) -> str:
                      f"ViT (vit_b_16, ...), vit_small/vit_base (moco-v3's) or timm:NAME")
 
 
+def is_vit(arch: str) -> bool:
+    """A vision transformer by its name (no model built): channels_last means nothing to it, its
+    activations after the patch embedding being (N, tokens, C)."""
+    name = arch[len("timm:"):] if arch.startswith("timm:") else arch
+    return arch in MOCO_VITS or name.startswith(VIT_PREFIXES)
+
+
 def check_timm_name(arch: str) -> None:
     import timm
 

@@ -9,6 +9,7 @@ per view), and each direction's loss is computed against the other view's keys.
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -38,8 +39,9 @@ def mean_stats(a, b):
     return {key: (a[key] + b[key]) / 2 for key in a}
 
 
-def check_sync_bn(bn, world_size, x):
-    if bn == "sync" and world_size > 1 and x.device.type == "cpu":
+def check_sync_bn(bn, x):
+    """torch's SyncBatchNorm refuses CPU tensors whenever a process group exists, even of one worker."""
+    if bn == "sync" and x.device.type == "cpu" and dist.is_available() and dist.is_initialized():
         raise ValueError("bn=sync needs GPUs (torch's SyncBatchNorm); use bn=split on CPU")
 
 
@@ -63,7 +65,7 @@ class MoCoV2Plus(MoCo):
     def forward(self, im_q, im_k, step):
         if self.queue.keys.device != im_q.device:
             self.queue.to(im_q.device)
-        check_sync_bn(self.bn, self.world_size, im_q)
+        check_sync_bn(self.bn, im_q)
         if self.split_bn:
             for encoder in (self.encoder_q, self.encoder_k):
                 set_bn_splits(encoder, usable_splits(im_q.shape[0], self.bn_splits))
@@ -139,7 +141,7 @@ class MoCoV3(nn.Module):
     def forward(self, im_q, im_k, step):
         """The symmetric loss of the local batch (DDP averages the gradients) and detached stats.
         step is unused (no shuffle, no queue); it keeps MoCo's signature."""
-        check_sync_bn(self.bn, self.world_size, im_q)
+        check_sync_bn(self.bn, im_q)
         if self.bn == "split":
             for encoder in (self.encoder_q, self.encoder_k):
                 set_bn_splits(encoder, usable_splits(im_q.shape[0], self.bn_splits))

@@ -93,3 +93,10 @@ def test_v3_presets_follow_config_md():
     assert (demo_v3.method, demo_v3.bn, demo_v3.arch, demo_v3.res) == ("v3", "split", "resnet18", 16)
     C.validate(C.apply_overrides(C.preset("moco-v3-vit-small"), {"arch": "timm:convnext_atto",
                                                                   "stop_grad_conv1": False}))
+
+
+def test_channels_last_auto_is_off_for_vits():
+    assert C.for_device(C.preset("moco-v3-vit-base"), cuda=True).channels_last == "false"
+    assert C.for_device(C.preset("moco-v3-resnet50"), cuda=True).channels_last == "true"
+    assert C.for_device(C.apply_overrides(C.preset("moco-v3-vit-base"), {"channels_last": "true"}),
+                        cuda=True).channels_last == "true"
