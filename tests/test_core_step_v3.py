@@ -17,6 +17,7 @@ from dist_utils import run_gloo
 from moco_ray.collectives import all_gather
 from moco_ray.encoders import Encoder, mlp
 from moco_ray.model import momentum_update
+from moco_ray.queue import seeded_generator
 from moco_ray.step_v3 import MoCoV2Plus, MoCoV3
 
 TOL = 1e-5
@@ -61,13 +62,21 @@ def info_nce(q, k, queue, T):
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
 
 
-def reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T):
+def shuffled_keys(encoder_k, x, W, perm):
+    """Shuffled BN's keys: worker w encodes the images at positions perm[w*b:(w+1)*b] of the global
+    batch; each key goes back to its image's position."""
+    keys = torch.cat([F.normalize(encoder_k(x[slots]), dim=1) for slots in perm.chunk(W)])
+    return keys[torch.argsort(perm)]
+
+
+def reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T, perms):
     """The symmetric v2 loss against the replicated queue; returns (loss, queue after the enqueue).
-    queue is oldest first: the enqueue drops the 2*B oldest keys and appends k1 and k2."""
+    queue is oldest first: the enqueue drops the 2*B oldest keys and appends k1 and k2. perms: each
+    view's BN shuffle of the global batch."""
     q1, q2 = per_worker(ref_q, x1, W), per_worker(ref_q, x2, W)
     momentum_update(ref_q, ref_k, m)
     with torch.no_grad():
-        k1, k2 = per_worker(ref_k, x1, W), per_worker(ref_k, x2, W)
+        k1, k2 = shuffled_keys(ref_k, x1, W, perms[0]), shuffled_keys(ref_k, x2, W, perms[1])
     loss = (info_nce(q1, k2, queue, T) + info_nce(q2, k1, queue, T)) / 2
     return loss, torch.cat([queue[2 * k1.shape[0]:], k1, k2])
 
@@ -135,9 +144,9 @@ def test_v3_step_equals_algorithm_1(W):
     print(f"v3 W={W}: max abs diff {max(diffs):.2e}")
 
 
-def _v2plus_equivalence(rank, W, b=4, K=48, steps=3, m=0.9, T=0.2):
+def _v2plus_equivalence(rank, W, bn="split", b=4, K=48, steps=3, m=0.9, T=0.2):
     torch.manual_seed(0)
-    model = MoCoV2Plus(arch="resnet18", dim=8, K=K, m=m, T=T, bn="split", bn_splits=1, seed=3,
+    model = MoCoV2Plus(arch="resnet18", dim=8, K=K, m=m, T=T, bn=bn, bn_splits=1, seed=3,
                        encoder=tiny_v3_encoders()[0])
     ref_q, ref_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
     # the replicated queue, oldest first: shard r's slot j is overwritten at the same step on every r
@@ -151,7 +160,11 @@ def _v2plus_equivalence(rank, W, b=4, K=48, steps=3, m=0.9, T=0.2):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        ref_loss, queue = reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T)
+        # shuffle: each view's permutation of the (seed, 2*step + view) stream; split: none that
+        # matters (one split per worker: BN over the worker's own images in any order)
+        perms = [torch.randperm(W * b, generator=seeded_generator(3, 2 * step + view)) if model.bn == "shuffle"
+                 and W > 1 else torch.arange(W * b) for view in (0, 1)]
+        ref_loss, queue = reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T, perms)
         ref_optimizer.zero_grad()
         ref_loss.backward()
         ref_optimizer.step()
@@ -165,10 +178,10 @@ def _v2plus_equivalence(rank, W, b=4, K=48, steps=3, m=0.9, T=0.2):
     return max(diffs)
 
 
-@pytest.mark.parametrize("W", [1, 2, 3])
-def test_v2plus_step_equals_replicated_queue_reference(W):
-    diffs = run_gloo(_v2plus_equivalence, W)
-    print(f"v2+ W={W}: max abs diff {max(diffs):.2e}")
+@pytest.mark.parametrize("W, bn", [(1, "split"), (2, "split"), (3, "split"), (2, "shuffle"), (3, "shuffle")])
+def test_v2plus_step_equals_replicated_queue_reference(W, bn):
+    diffs = run_gloo(_v2plus_equivalence, W, bn)
+    print(f"v2+ W={W} bn={bn}: max abs diff {max(diffs):.2e}")
 
 
 def test_v3_without_process_group_and_bad_bn():
