@@ -12,6 +12,7 @@ features of the backbone (what the kNN monitor, linear evaluation and exports us
 ResNet keeps its own layout (its fc is the head, so its state dict is torchvision's with only fc.*
 different); any other backbone is wrapped as Encoder(backbone, fc).
 """
+import math
 from functools import partial
 
 import torch
@@ -102,6 +103,8 @@ def _timm_backbone(arch, res, stop_grad_conv1):
     if name.startswith(VIT_PREFIXES):  # a ViT's position embedding is built for one image size
         kwargs = dict(kwargs, img_size=res)
     net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if arch in MOCO_VITS:
+        _moco_v3_vit_init(net)
     if hasattr(net, "patch_embed") and getattr(net, "pos_embed", None) is not None:
         grid = net.patch_embed.grid_size
         _vit_stability(net.patch_embed.proj, net.pos_embed, net.pos_embed.shape[1] - grid[0] * grid[1],
@@ -109,6 +112,26 @@ def _timm_backbone(arch, res, stop_grad_conv1):
     elif stop_grad_conv1:
         raise ValueError(f"stop_grad_conv1: {arch} has no ViT patch embedding")
     return net
+
+
+def _moco_v3_vit_init(net):
+    """moco-v3's ViT initialisation: xavier-uniform Linear weights, q, k and v each as its own
+    (dim x dim) matrix, zero biases, the class token N(0, 1e-6), a xavier-uniform patch projection
+    (fan-in 3*p*p, fan-out the width)."""
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(net.cls_token, std=1e-6)
+    proj = net.patch_embed.proj
+    bound = math.sqrt(6.0 / (3 * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)
 
 
 def _vit_stability(patch_proj: nn.Conv2d, pos_embed: nn.Parameter, prefix_tokens, grid, stop_grad_conv1):

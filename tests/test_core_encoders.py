@@ -81,3 +81,15 @@ def test_v3_resnet_keeps_torchvision_layout():
     result = torchvision.models.resnet50().load_state_dict(backbone, strict=False)
     assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
     assert all(torch.count_nonzero(block.bn3.weight) == 0 for block in base.layer1)  # zero-init residual
+
+
+def test_moco_v3_vit_initialisation():
+    backbone, _ = build_backbone("vit_small", 32)
+    qkv = backbone.blocks[0].attn.qkv
+    bound = math.sqrt(6.0 / (384 + 384))                 # q, k, v: three 384 x 384 matrices
+    assert qkv.weight.abs().max() <= bound and qkv.weight.abs().max() > 0.9 * bound
+    fc1 = backbone.blocks[0].mlp.fc1
+    assert fc1.weight.abs().max() <= math.sqrt(6.0 / (384 + 1536)) and torch.count_nonzero(fc1.bias) == 0
+    assert backbone.cls_token.abs().max() < 1e-5
+    proj_bound = math.sqrt(6.0 / (3 * 16 * 16 + 384))
+    assert backbone.patch_embed.proj.weight.abs().max() <= proj_bound
