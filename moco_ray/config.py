@@ -47,17 +47,22 @@ class Config(RunOptions):
     crop_min: float = 0.2         # smallest RandomResizedCrop area (the paper's 0.2)
     loader_workers: int = 4       # decode threads per training worker
     # model (MoCo paper names)
-    arch: str = "resnet50"
+    method: str = "moco"          # moco (v1/v2: by mlp and aug) | v2plus (v2, symmetric loss) | v3
+    arch: str = "resnet50"        # torchvision ResNet or ViT, vit_small/vit_base (moco-v3's), timm:NAME
     small_stem: bool = False      # 3x3 conv1, no max-pool: for 32px data
     mlp: bool = True              # v2 MLP head; False = v1 linear head
     head_bn: bool = False         # BN after the MLP's hidden layer (not in the paper; the demo needs it)
     dim: int = 128                # D
+    mlp_dim: int = 4096           # v3: hidden width of the projector and predictor MLPs
+    stop_grad_conv1: bool = False # ViT: frozen random patch projection (moco-v3)
     K: int = 65536                # queue size
     m: float = 0.999              # key encoder momentum
+    m_schedule: str = "constant"  # constant | cosine (m rises to 1 by a half cosine, moco-v3's --moco-m-cos)
     T: float = 0.2                # softmax temperature
     bn: str = "shuffle"           # shuffle | sync | split
     bn_splits: int = 8            # sub-batches for split-BN (W == 1)
     # optimisation
+    optimizer: str = "sgd"        # sgd | lars | adamw
     batch_size: int = 256         # global B, kept across resizes
     # The most images one worker puts through the encoders at once; 0 = no limit. A local batch
     # b = B // W above it (after a shrink to fewer workers) is taken in equal micro-batches with the
@@ -69,6 +74,7 @@ class Config(RunOptions):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     epochs: int = 200
+    warmup_epochs: int = 0        # linear lr warmup from 0 (moco-v3: 10 for ResNet-50, 40 for ViT)
     schedule: str = "cosine"      # cosine | step
     lr_steps: tuple = (120, 160)  # epochs at which the step schedule divides lr by 10
     seed: int = 0
@@ -98,6 +104,7 @@ class LinclsConfig(RunOptions):
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 100
+    warmup_epochs: int = 0        # linear lr warmup from 0
     schedule: str = "step"        # cosine | step
     lr_steps: tuple = (60, 80)    # epochs at which the step schedule divides lr by 10
     seed: int = 0
@@ -115,6 +122,25 @@ PRESETS = {
                     knn_bank_per_class=100),
     "moco-v2": dict(mlp=True, T=0.2, aug="v2", schedule="cosine", lr=0.03, knn_every=10,
                     knn_bank_per_class=100),
+    # v2 with the symmetric loss (the authors' CIFAR demo, solo-learn's mocov2plus), v2's hyperparameters
+    "moco-v2plus": dict(method="v2plus", mlp=True, T=0.2, aug="v2", schedule="cosine", lr=0.03,
+                        knn_every=10, knn_bank_per_class=100),
+    # MoCo v3 as its CONFIG.md: batch 4096, SyncBN, momentum 0.99 rising to 1 by a cosine, lr per
+    # 256 images. ResNet-50: 100 epochs with LARS (300 epochs: lr=0.3; 1000: lr=0.3, weight_decay=1.5e-6,
+    # m=0.996); ViTs: 300 epochs with AdamW and the frozen patch projection. Augmentation stays aug+
+    # (the paper's asymmetric BYOL augmentation is not built).
+    "moco-v3-resnet50": dict(method="v3", arch="resnet50", dim=256, mlp_dim=4096, T=1.0, m=0.99,
+                             m_schedule="cosine", bn="sync", optimizer="lars", lr=0.6, weight_decay=1e-6,
+                             batch_size=4096, epochs=100, warmup_epochs=10, crop_min=0.2, aug="v2",
+                             knn_every=10, knn_bank_per_class=100),
+    "moco-v3-vit-small": dict(method="v3", arch="vit_small", dim=256, mlp_dim=4096, T=0.2, m=0.99,
+                              m_schedule="cosine", bn="sync", optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
+                              batch_size=4096, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
+                              crop_min=0.08, aug="v2", knn_every=10, knn_bank_per_class=100),
+    "moco-v3-vit-base": dict(method="v3", arch="vit_base", dim=256, mlp_dim=4096, T=0.2, m=0.99,
+                             m_schedule="cosine", bn="sync", optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
+                             batch_size=4096, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
+                             crop_min=0.08, aug="v2", knn_every=10, knn_bank_per_class=100),
     # Tiny and CPU-sized: resnet18 on 16px crops of the 32px digits, 2 workers. K stays well below
     # the 1437 training images, so an image's own older keys are rarely among its negatives. Two
     # changes from the paper make it learn in minutes (measured in the closing note of issue 3):
@@ -127,6 +153,10 @@ PRESETS = {
         loader_workers=1, metrics_port=0, bn_splits=2, knn_bank_per_class=0,
     ),
 }
+# The demo's data, sizes and bookkeeping with MoCo v3: per-worker BN (bn=split: SyncBN needs GPUs),
+# small MLPs, T=0.2 and a short warmup.
+PRESETS["demo-v3"] = dict(PRESETS["demo"], method="v3", dim=64, mlp_dim=256, T=0.2, m=0.99,
+                          m_schedule="cosine", bn="split", lr=0.3, warmup_epochs=2)
 # bn_splits=2 (demo): one worker (`tune.sweep --workers-per-trial 1`) normalises 2 sub-batches of
 # 32, as each of the 2 shuffle-BN workers of `make demo` does (8 sub-batches of 8 learned more slowly).
 
@@ -139,7 +169,8 @@ LINCLS_PRESETS = {
 }
 
 CHOICES = {"aug": ("v1", "v2"), "bn": ("shuffle", "sync", "split"), "schedule": ("cosine", "step"),
-           "arch": ("resnet18", "resnet50"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "method": ("moco", "v2plus", "v3"), "optimizer": ("sgd", "lars", "adamw"),
+           "m_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "channels_last": ("auto", "true", "false")}
 
 
@@ -269,11 +300,12 @@ def validate(cfg, max_workers=1, min_workers=None):
     if isinstance(cfg, LinclsConfig):
         return validate_lincls(cfg, max_workers)
     _check_values(cfg, CHOICES,
-                  at_least_one=("dim", "K", "batch_size", "epochs", "res", "keep_checkpoints", "bn_splits",
-                                "knn_k", "knn_chunk", "loader_workers"),
+                  at_least_one=("dim", "mlp_dim", "K", "batch_size", "epochs", "res", "keep_checkpoints",
+                                "bn_splits", "knn_k", "knn_chunk", "loader_workers"),
                   positive=("lr", "knn_t"),
                   non_negative=("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port",
-                                "report_every", "knn_bank_per_class", "max_batch_per_worker"))
+                                "report_every", "knn_bank_per_class", "max_batch_per_worker",
+                                "warmup_epochs"))
     _check_checkpoints(cfg)
     if not cfg.T > 0:
         raise ConfigError(f"T={cfg.T}: the temperature must be > 0")
@@ -281,10 +313,11 @@ def validate(cfg, max_workers=1, min_workers=None):
         raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
     if cfg.head_bn and not cfg.mlp:
         raise ConfigError("head_bn=true needs the MLP head (mlp=true)")
+    _check_method(cfg)
     _check_placement(cfg, max_workers, ("data", "knn_data"))
-    if cfg.K < cfg.batch_size:
+    if cfg.method != "v3" and cfg.K < cfg.batch_size:
         raise ConfigError(f"K={cfg.K} is smaller than the global batch {cfg.batch_size}")
-    if cfg.K < max_workers:
+    if cfg.method != "v3" and cfg.K < max_workers:
         raise ConfigError(f"K={cfg.K} cannot be sharded over {max_workers} workers")
     _check_micro_batches(cfg, min_workers or max_workers, max_workers)
     return cfg
@@ -297,6 +330,8 @@ def _check_micro_batches(cfg, min_workers, max_workers):
     limit = cfg.max_batch_per_worker
     if not limit:
         return
+    if cfg.method != "moco":
+        raise ConfigError(f"max_batch_per_worker: micro-batches are built for method=moco (v1/v2), not {cfg.method}")
     from moco_ray.step import micro_batches
 
     for W in range(min_workers, max_workers + 1):
@@ -306,14 +341,41 @@ def _check_micro_batches(cfg, min_workers, max_workers):
                               f"splits into micro-batches of one image (no BN statistics); use 0 or >= 3")
 
 
+def _check_warmup(cfg):
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"warmup_epochs={cfg.warmup_epochs} must be fewer than epochs={cfg.epochs}")
+
+
+def _check_method(cfg):
+    """arch against the method: v1/v2/v2+ train torchvision ResNets, v3 any backbone."""
+    from moco_ray import encoders
+
+    try:
+        family = encoders.kind(cfg.arch)
+        if family == "timm":
+            encoders.check_timm_name(cfg.arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except ImportError:
+        raise ConfigError(f"arch={cfg.arch!r} needs timm (pip install timm==1.0.31)") from None
+    if cfg.method != "v3" and family != "resnet":
+        raise ConfigError(f"arch={cfg.arch!r}: method={cfg.method} trains torchvision ResNets; use method=v3")
+    if cfg.method == "v3" and cfg.bn == "shuffle":
+        raise ConfigError("method=v3 normalises with bn=sync (GPUs) or bn=split (each worker its own batch)")
+    if cfg.stop_grad_conv1 and family == "resnet":
+        raise ConfigError(f"stop_grad_conv1 freezes a ViT's patch projection; {cfg.arch} has none")
+    _check_warmup(cfg)
+
+
 def validate_lincls(cfg, max_workers=1):
     """validate() for the linear-evaluation config."""
     _check_values(cfg, LINCLS_CHOICES,
                   at_least_one=("batch_size", "epochs", "res", "keep_checkpoints", "loader_workers"),
                   positive=("lr",),
                   non_negative=("weight_decay", "momentum", "max_steps", "eval_every", "metrics_port",
-                                "report_every"))
+                                "report_every", "warmup_epochs"))
     _check_checkpoints(cfg)
+    _check_warmup(cfg)
     if not cfg.pretrained:
         raise ConfigError("--pretrained is required: a pretraining checkpoint or run directory, or an export")
     _check_placement(cfg, max_workers, ("data", "val_data"))
@@ -325,6 +387,11 @@ def for_device(cfg, cuda):
     from moco_ray.precision import resolve
 
     precision, channels_last = resolve(cfg.precision, cfg.channels_last, cuda)
+    if cfg.channels_last == "auto" and hasattr(cfg, "arch"):
+        from moco_ray.encoders import is_vit
+
+        if is_vit(cfg.arch):   # a ViT has no 4-D activations past its patch embedding
+            channels_last = "false"
     if precision == "fp16" and not cuda:
         raise ConfigError("precision=fp16 needs a GPU here; use bf16 or fp32 on the CPU")
     return dataclasses.replace(cfg, precision=precision, channels_last=channels_last)

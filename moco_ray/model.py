@@ -75,8 +75,8 @@ def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: 
     not in the MoCo papers; the demo needs it: on the digits, whose images share one black
     background, every image has nearly the same features at init, and without it the query
     encoder collapses to one output within the first steps and never recovers."""
-    if arch not in ("resnet18", "resnet50"):
-        raise ValueError(f"arch must be resnet18 or resnet50, got {arch!r}")
+    if not (arch.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(torchvision.models, arch)):
+        raise ValueError(f"arch must be a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}")
     net = getattr(torchvision.models, arch)(
         weights=None, num_classes=dim, norm_layer=partial(SplitBatchNorm, num_splits=num_splits))
     if small_stem:  # 32px images: 3x3 stride-1 conv1 and no max-pool

@@ -28,7 +28,8 @@ def load_moco_state(state, shard, model, optimizer, scaler):
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    model.queue.load_state_dict(shard)
+    if model.queue is not None:   # MoCo v3 has no queue
+        model.queue.load_state_dict(shard)
 
 
 def restore_moco(path, model, optimizer, scaler, device, rank=0, world_size=1):

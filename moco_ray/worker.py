@@ -42,10 +42,14 @@ def train_func(config):
 
 
 def learning_rate(cfg, batch_effective, progress):
-    """lr at `progress` epochs (fractional): base lr scaled to the effective batch, cosine or step."""
+    """lr at `progress` epochs (fractional): base lr scaled to the effective batch; a linear warmup
+    from 0 during the first warmup_epochs (moco-v3's), then cosine over the remaining epochs or step."""
     lr = cfg.lr * batch_effective / 256
+    warmup = cfg.warmup_epochs
+    if progress < warmup:
+        return lr * progress / warmup
     if cfg.schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress / cfg.epochs, 1.0)))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min((progress - warmup) / (cfg.epochs - warmup), 1.0)))
     return lr * 0.1 ** sum(progress >= milestone for milestone in cfg.lr_steps)
 
 
@@ -58,6 +62,19 @@ def backbone_of(encoder):
         yield encoder
     finally:
         encoder.fc = head
+
+
+def build_model(cfg):
+    """The step module of cfg.method: moco_ray.step.MoCo (v1/v2), step_v3.MoCoV2Plus or step_v3.MoCoV3."""
+    from moco_ray.step import MoCo
+    from moco_ray.step_v3 import MoCoV2Plus, MoCoV3
+
+    shared = dict(arch=cfg.arch, dim=cfg.dim, m=cfg.m, T=cfg.T, small_stem=cfg.small_stem, bn=cfg.bn,
+                  bn_splits=cfg.bn_splits, precision=cfg.precision, channels_last=cfg.channels_last == "true")
+    if cfg.method == "v3":
+        return MoCoV3(mlp_dim=cfg.mlp_dim, res=cfg.res, stop_grad_conv1=cfg.stop_grad_conv1, **shared)
+    step = MoCoV2Plus if cfg.method == "v2plus" else MoCo
+    return step(K=cfg.K, mlp=cfg.mlp, seed=cfg.seed, head_bn=cfg.head_bn, **shared)
 
 
 def queue_age(queue, step):
@@ -363,17 +380,21 @@ class Worker(Loop):
     loader_options = dict(raw_k=True)   # view k augmented in the step, after the shuffle
 
     def build(self):
-        from moco_ray.step import MoCo
+        from moco_ray.optim import make_optimizer
 
         cfg = self.cfg
-        self.aug, self.queue_size = cfg.aug, cfg.K
-        self.model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp,
-                          small_stem=cfg.small_stem, bn=cfg.bn, bn_splits=cfg.bn_splits, seed=cfg.seed,
-                          head_bn=cfg.head_bn, precision=cfg.precision,
-                          channels_last=cfg.channels_last == "true")
-        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.aug, self.queue_size = cfg.aug, (None if cfg.method == "v3" else cfg.K)
+        self.model = build_model(cfg)
+        self.optimizer = make_optimizer(cfg.optimizer, self.model.encoder_q.parameters(), cfg.lr,
+                                        cfg.momentum, cfg.weight_decay)
         self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
+
+    def set_lr(self, epochs_done):
+        """The lr schedule (Loop.set_lr) and the key encoder's momentum schedule."""
+        from moco_ray.optim import moco_momentum
+
+        self.model.m = moco_momentum(self.cfg.m, self.cfg.m_schedule, epochs_done, self.cfg.epochs)
+        return super().set_lr(epochs_done)
 
     def load_state(self, state, shard):
         train_state.load_moco_state(state, shard, self.model, self.optimizer, self.scaler)
@@ -382,7 +403,7 @@ class Worker(Loop):
         return train_state.moco_state(self.model, self.optimizer, self.scaler)
 
     def queue_state(self):
-        return self.model.queue.state_dict()
+        return self.model.queue.state_dict() if self.model.queue is not None else None
 
     def to_device(self):
         from torch.nn.parallel import DistributedDataParallel
@@ -409,15 +430,21 @@ class Worker(Loop):
         im_q, im_k, _, _ = batch
         lr = self.set_lr(epochs_done)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self.model(im_q, im_k, self.progress["step"], aug_k=lambda x: augment(x, self.cfg.aug),
-                                 micro=micro_batches(self.b, self.cfg.max_batch_per_worker),
-                                 backward=lambda part: self.scaler.scale(part).backward())
+        if self.cfg.method == "moco":
+            loss, stats = self.model(im_q, im_k, self.progress["step"], aug_k=lambda x: augment(x, self.cfg.aug),
+                                     micro=micro_batches(self.b, self.cfg.max_batch_per_worker),
+                                     backward=lambda part: self.scaler.scale(part).backward())
+        else:   # v2+ and v3 feed both views to both encoders: view k is augmented before the step
+            loss, stats = self.model(im_q, augment(im_k, self.cfg.aug), self.progress["step"])
         if precision.backward_and_step(loss, self.optimizer, self.scaler):
             self.progress["skipped_steps"] += 1
         return loss, stats, lr
 
     def step_fields(self):
-        return {"queue_keys": len(self.model.queue), "queue_age_steps": queue_age(self.model.queue, self.progress["step"])}
+        if self.model.queue is None:
+            return {"m": self.model.m}
+        return {"queue_keys": len(self.model.queue), "queue_age_steps": queue_age(self.model.queue, self.progress["step"]),
+                "m": self.model.m}
 
     def measure_due(self, epoch, last_epoch):
         """kNN every knn_every epochs and after the last; never with knn_every=0."""
@@ -443,6 +470,6 @@ class Worker(Loop):
                                      seed=cfg.seed)
         query = data.make_eval_loader(cfg.knn_data, batch_size=batch, rank=self.rank, world_size=self.W,
                                       res=cfg.res, device=self.device)
-        with backbone_of(self.encoder_q) as backbone:  # in fp32: the monitor runs every knn_every epochs
+        with backbone_of(getattr(self.model, "base_encoder", self.encoder_q)) as backbone:  # in fp32: the monitor runs every knn_every epochs
             return knn.knn_top1(backbone, bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t,
                                 self.device, chunk=cfg.knn_chunk)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from moco_ray import config as C
@@ -30,6 +32,16 @@ def test_set_coerces_types():
     (["data=/does/not/exist"], "no such dataset"),
     (["checkpoint_every_steps=0"], "checkpoint_every_steps=0 and checkpoint_every_s=0: no checkpoint before the end"),
     (["checkpoint_every_s=-60"], "checkpoint_every_s=-60.0 must be >= 0"),
+    (["optimizer=rmsprop"], "optimizer='rmsprop': choose one of sgd, lars, adamw"),
+    (["method=v4"], "method='v4'"),
+    (["m_schedule=linear"], "m_schedule='linear'"),
+    (["warmup_epochs=30"], "warmup_epochs=30 must be fewer than epochs=30"),
+    (["arch=resnet7"], "arch='resnet7': use a torchvision ResNet"),
+    (["arch=timm:no_such_net", "method=v3", "bn=split"], "timm 1.0.31 has no model 'no_such_net'"),
+    (["arch=vit_b_16"], "method=moco trains torchvision ResNets; use method=v3"),
+    (["method=v3"], "method=v3 normalises with bn=sync"),
+    (["stop_grad_conv1=true"], "resnet18 has none"),
+    (["method=v2plus", "max_batch_per_worker=16"], "micro-batches are built for method=moco"),
 ])
 def test_bad_values_are_one_line_errors(sets, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -104,3 +116,30 @@ def test_cli_passes_the_smallest_world_size_to_the_micro_batch_check(capsys, tmp
     assert main(["--num-workers", "3:4", "--set", "max_batch_per_worker=2",
                  "--storage-path", str(tmp_path)]) == 2
     assert "with 3 workers the local batch of 21" in capsys.readouterr().err
+
+
+def test_v3_presets_follow_config_md():
+    r50, vit_s, vit_b = C.preset("moco-v3-resnet50"), C.preset("moco-v3-vit-small"), C.preset("moco-v3-vit-base")
+    assert (r50.method, r50.optimizer, r50.lr, r50.weight_decay, r50.T, r50.m, r50.m_schedule) == \
+        ("v3", "lars", 0.6, 1e-6, 1.0, 0.99, "cosine")
+    assert (r50.dim, r50.mlp_dim, r50.batch_size, r50.epochs, r50.warmup_epochs, r50.crop_min) == (256, 4096, 4096, 100, 10, 0.2)
+    for vit, arch in ((vit_s, "vit_small"), (vit_b, "vit_base")):
+        assert (vit.arch, vit.optimizer, vit.lr, vit.weight_decay, vit.T, vit.epochs, vit.warmup_epochs) == \
+            (arch, "adamw", 1.5e-4, 0.1, 0.2, 300, 40)
+        assert vit.stop_grad_conv1 and vit.m_schedule == "cosine" and vit.bn == "sync"
+    v2plus = C.preset("moco-v2plus")
+    assert v2plus.method == "v2plus" and dataclasses.replace(v2plus, method="moco") == C.preset("moco-v2")
+    for name in ("moco-v1", "moco-v2", "demo"):   # the v1/v2 presets keep their behaviour
+        cfg = C.preset(name)
+        assert (cfg.method, cfg.optimizer, cfg.m_schedule, cfg.warmup_epochs) == ("moco", "sgd", "constant", 0)
+    demo_v3 = C.validate(C.preset("demo-v3"), max_workers=2)
+    assert (demo_v3.method, demo_v3.bn, demo_v3.arch, demo_v3.res) == ("v3", "split", "resnet18", 16)
+    C.validate(C.apply_overrides(C.preset("moco-v3-vit-small"), {"arch": "timm:convnext_atto",
+                                                                  "stop_grad_conv1": False}))
+
+
+def test_channels_last_auto_is_off_for_vits():
+    assert C.for_device(C.preset("moco-v3-vit-base"), cuda=True).channels_last == "false"
+    assert C.for_device(C.preset("moco-v3-resnet50"), cuda=True).channels_last == "true"
+    assert C.for_device(C.apply_overrides(C.preset("moco-v3-vit-base"), {"channels_last": "true"}),
+                        cuda=True).channels_last == "true"

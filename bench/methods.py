@@ -1,0 +1,70 @@
+"""CPU step time of MoCo v2, v2+ and v3 side by side, at one worker's share of a preset (demo size by
+default: b = 64 / 2 workers images of 16 px).
+
+    python bench/methods.py [--v2 demo] [--v3 demo-v3] [--workers 2] [--steps 20] [--threads 1]
+
+One process, no Ray: each method's module from its config (moco_ray.worker.build_model), its
+optimizer, forward + backward + step. The methods alternate step by step, so the load of a shared
+machine hits them alike; the table gives the median time and the ratio to v2.
+"""
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from moco_ray import config as C
+from moco_ray.optim import make_optimizer
+from moco_ray.worker import build_model
+
+
+def setup(cfg):
+    cfg = C.for_device(cfg, cuda=False)
+    model = build_model(cfg)
+    optimizer = make_optimizer(cfg.optimizer, model.encoder_q.parameters(), cfg.lr, cfg.momentum,
+                               cfg.weight_decay)
+    return model, optimizer
+
+
+def one_step(model, optimizer, im_q, im_k, step):
+    t0 = time.perf_counter()
+    loss, _ = model(im_q, im_k, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--v2", default="demo")
+    p.add_argument("--v3", default="demo-v3")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    v2 = C.preset(args.v2)
+    configs = {"v2": v2, "v2+": dataclasses.replace(v2, method="v2plus"), "v3": C.preset(args.v3)}
+    b = v2.batch_size // args.workers
+    runs = {name: setup(cfg) for name, cfg in configs.items()}
+    times = {name: [] for name in runs}
+    g = torch.Generator().manual_seed(0)
+    for step in range(args.steps + 2):   # the first two steps warm up allocators and kernels
+        im_q, im_k = (torch.randn(b, 3, v2.res, v2.res, generator=g) for _ in range(2))
+        for name, (model, optimizer) in runs.items():
+            seconds = one_step(model, optimizer, im_q, im_k, step)
+            if step >= 2:
+                times[name].append(seconds)
+    base = statistics.median(times["v2"])
+    print(f"batch {b} per worker, {v2.res} px, {args.threads} thread(s), median of {args.steps} steps")
+    print(f"{'method':<6} {'preset':<10} {'step ms':>8} {'x v2':>6}")
+    for name, cfg_name in (("v2", args.v2), ("v2+", args.v2 + " v2plus"), ("v3", args.v3)):
+        median = statistics.median(times[name])
+        print(f"{name:<6} {cfg_name:<10} {median * 1e3:8.1f} {median / base:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

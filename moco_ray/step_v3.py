@@ -1,0 +1,154 @@
+"""The symmetric MoCo steps: MoCo v2+ (v2 with the symmetric loss, sharded queue) and MoCo v3
+(predictor, global-batch keys, no queue), with the interface of moco_ray.step.MoCo:
+model(im_q, im_k, step) -> (loss, stats), attributes encoder_q (DDP-wrappable), encoder_k, queue
+(None for v3) and m (set before each step by the momentum schedule).
+
+Both views go through both encoders, one forward per view (as the references: BN statistics are
+per view), and each direction's loss is computed against the other view's keys.
+"""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .collectives import world
+from .encoders import build_v3_encoders
+from .loss import sharded_info_nce
+from .loss_v3 import global_batch_info_nce
+from .model import MomentumUpdate, set_bn_splits
+from .precision import autocast, memory_format
+from .shuffle import shuffle, unshuffle
+from .step import MoCo
+
+
+def usable_splits(batch, bn_splits):
+    """The largest number of split-BN sub-batches <= bn_splits that divides the batch."""
+    return max(s for s in range(1, min(bn_splits, batch) + 1) if batch % s == 0)
+
+
+def embed(encoder, x, precision, channels_last):
+    """normalize(encoder(x)) in fp32, the encoder under autocast."""
+    with autocast(precision, x.device.type):
+        out = encoder(x.contiguous(memory_format=memory_format(channels_last)) if x.dim() == 4 else x)
+    return F.normalize(out.float(), dim=1)
+
+
+def mean_stats(a, b):
+    return {key: (a[key] + b[key]) / 2 for key in a}
+
+
+def check_sync_bn(bn, x):
+    """torch's SyncBatchNorm refuses CPU tensors whenever a process group exists, even of one worker."""
+    if bn == "sync" and x.device.type == "cpu" and dist.is_available() and dist.is_initialized():
+        raise ValueError("bn=sync needs GPUs (torch's SyncBatchNorm); use bn=split on CPU")
+
+
+class MoCoV2Plus(MoCo):
+    """MoCo v2 with the symmetric loss (the authors' CIFAR demo, solo-learn's mocov2plus): the loss
+    is the mean of loss(q1, k2) and loss(q2, k1), both against the same sharded queue, and both
+    views' keys (2b per worker) are enqueued, view 1's first. The mean keeps v2's gradient scale
+    (the demo sums the two, which is v2's lr doubled). Each view's keys get their own BN shuffle,
+    drawn from the (seed, 2*step + view) stream.
+
+    encoder: a query encoder (its `fc` the head) to use instead of arch's (tests use a tiny one)."""
+
+    def __init__(self, *args, encoder=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if encoder is not None:
+            self.encoder_q, self.encoder_k = encoder, copy.deepcopy(encoder)
+            for param_k in self.encoder_k.parameters():
+                param_k.requires_grad = False
+            self.momentum_update = MomentumUpdate(self.encoder_q, self.encoder_k)
+
+    def forward(self, im_q, im_k, step):
+        if self.queue.keys.device != im_q.device:
+            self.queue.to(im_q.device)
+        check_sync_bn(self.bn, im_q)
+        if self.split_bn:
+            for encoder in (self.encoder_q, self.encoder_k):
+                set_bn_splits(encoder, usable_splits(im_q.shape[0], self.bn_splits))
+
+        q1, q2 = (embed(self.encoder_q, x, self.precision, self.channels_last) for x in (im_q, im_k))
+        with torch.no_grad():
+            self.momentum_update(self.m)
+            k1, k2 = (self.keys(x, 2 * step + view) for view, x in enumerate((im_q, im_k)))
+
+        loss_12, stats_12 = sharded_info_nce(q1, k2, self.queue.keys, self.T, self.group)
+        loss_21, stats_21 = sharded_info_nce(q2, k1, self.queue.keys, self.T, self.group)
+        self.queue.enqueue(torch.cat([k1, k2]), step)
+        return (loss_12 + loss_21) / 2, mean_stats(stats_12, stats_21)
+
+    @torch.no_grad()
+    def keys(self, im, stream):
+        """Keys of one view through the momentum encoder, with shuffled (or split) BN."""
+        if self.bn == "sync":
+            return embed(self.encoder_k, im, self.precision, self.channels_last)
+        im, ctx = shuffle(im, self.seed, stream, self.group, local=self.split_bn)
+        return unshuffle(embed(self.encoder_k, im, self.precision, self.channels_last), ctx)
+
+
+class QueryEncoder(nn.Module):
+    """MoCo v3's query path: the base encoder (backbone + projector, its `fc`) and the predictor."""
+
+    def __init__(self, base, predictor):
+        super().__init__()
+        self.base, self.predictor = base, predictor
+
+    def forward(self, x):
+        return self.predictor(self.base(x))
+
+
+class MoCoV3(nn.Module):
+    """MoCo v3 (Chen, Xie, He 2021): query = backbone + projector + predictor, momentum encoder =
+    backbone + projector, loss = ctr(q1, k2) + ctr(q2, k1) with each query against the keys of the
+    global batch (moco_ray.loss_v3), no queue.
+
+    bn: "sync" (SyncBatchNorm in every BN, the paper's; torch supports it on GPU only) or "split"
+    (each worker normalises its own batch, in bn_splits sub-batches; split applies to torchvision
+    ResNets and the MLPs). The momentum encoder updates (with self.m) before it computes the keys.
+    Build it after init_process_group; encoder_q may then be wrapped by DistributedDataParallel.
+    encoders: a (base encoder, predictor) pair to use instead of arch's (moco_ray.encoders).
+    """
+
+    queue = None   # no queue: nothing per worker to checkpoint beyond the model
+
+    def __init__(self, arch="resnet50", dim=256, mlp_dim=4096, m=0.99, T=1.0, res=224, small_stem=False,
+                 bn="sync", bn_splits=1, stop_grad_conv1=False, group=None, precision="fp32",
+                 channels_last=False, encoders=None):
+        super().__init__()
+        if bn not in ("sync", "split"):
+            raise ValueError(f"MoCo v3 normalises with bn=sync or bn=split, got {bn!r}")
+        self.m, self.T, self.bn, self.bn_splits, self.group = m, T, bn, bn_splits, group
+        self.precision, self.channels_last = precision, channels_last
+        self.rank, self.world_size = world(group)
+        if encoders is None:
+            encoders = build_v3_encoders(arch, dim, mlp_dim, res, small_stem, stop_grad_conv1=stop_grad_conv1)
+        self.encoder_q = QueryEncoder(*encoders)
+        if bn == "sync":
+            self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q, group)
+        self.encoder_k = copy.deepcopy(self.encoder_q.base)
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False
+        self.momentum_update = MomentumUpdate(self.encoder_q.base, self.encoder_k)
+
+    @property
+    def base_encoder(self):
+        """Backbone + projector of the query path (its `fc` is the projector), unwrapped from DDP."""
+        return getattr(self.encoder_q, "module", self.encoder_q).base
+
+    def forward(self, im_q, im_k, step):
+        """The symmetric loss of the local batch (DDP averages the gradients) and detached stats.
+        step is unused (no shuffle, no queue); it keeps MoCo's signature."""
+        check_sync_bn(self.bn, im_q)
+        if self.bn == "split":
+            for encoder in (self.encoder_q, self.encoder_k):
+                set_bn_splits(encoder, usable_splits(im_q.shape[0], self.bn_splits))
+        q1, q2 = (embed(self.encoder_q, x, self.precision, self.channels_last) for x in (im_q, im_k))
+        with torch.no_grad():
+            self.momentum_update(self.m)
+            k1, k2 = (embed(self.encoder_k, x, self.precision, self.channels_last) for x in (im_q, im_k))
+        loss_12, stats_12 = global_batch_info_nce(q1, k2, self.T, self.group)
+        loss_21, stats_21 = global_batch_info_nce(q2, k1, self.T, self.group)
+        return loss_12 + loss_21, mean_stats(stats_12, stats_21)

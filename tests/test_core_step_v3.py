@@ -1,0 +1,190 @@
+"""MoCo v3 and v2+ steps under DDP over gloo equal references written from the papers, W = 1, 2, 3.
+
+Each rank runs the distributed step on its slice and, next to it, the reference on the whole global
+batch (the same initial weights, data and optimizer): each worker's slice goes through the encoders
+on its own, as BN normalises per worker (bn=split with one split), and the reference's loss is the
+paper's over the global batch."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_utils import run_gloo
+from moco_ray.collectives import all_gather
+from moco_ray.encoders import Encoder, mlp
+from moco_ray.model import momentum_update
+from moco_ray.queue import seeded_generator
+from moco_ray.step_v3 import MoCoV2Plus, MoCoV3
+
+TOL = 1e-5
+
+
+def tiny_v3_encoders(dim=8, mlp_dim=16):
+    """A conv-BN-ReLU-pool backbone with moco-v3's projector (2 layers) and predictor (v2+ uses the
+    first as its encoder: an MLP head with BN)."""
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Encoder(backbone, mlp(2, 8, mlp_dim, dim)), mlp(2, dim, mlp_dim, dim, last_bn=False)
+
+
+def views(step, W, b, res=8):
+    """Both views of the global batch of `step`, the same on every rank."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(W * b, 3, res, res, generator=g), torch.randn(W * b, 3, res, res, generator=g)
+
+
+def per_worker(encoder, x, W):
+    """normalize(encoder(x)) with each worker's slice of the global batch encoded on its own."""
+    return torch.cat([F.normalize(encoder(part), dim=1) for part in x.chunk(W)])
+
+
+def ctr(q, k, T):
+    """Algorithm 1 of MoCo v3: logits of the N x N pairs, labels range(N), scaled by 2T."""
+    return F.cross_entropy(q @ k.t() / T, torch.arange(q.shape[0])) * (2 * T)
+
+
+def reference_v3_step(ref_q, ref_k, x1, x2, W, m, T):
+    """ref_q: base encoder + predictor (QueryEncoder), ref_k: momentum encoder."""
+    q1, q2 = per_worker(ref_q, x1, W), per_worker(ref_q, x2, W)
+    momentum_update(ref_q.base, ref_k, m)                # before the keys, as the code
+    with torch.no_grad():
+        k1, k2 = per_worker(ref_k, x1, W), per_worker(ref_k, x2, W)
+    return ctr(q1, k2, T) + ctr(q2, k1, T)
+
+
+def info_nce(q, k, queue, T):
+    """MoCo v1/v2's loss with one replicated queue: label 0 is the positive."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], dim=1) / T
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+def shuffled_keys(encoder_k, x, W, perm):
+    """Shuffled BN's keys: worker w encodes the images at positions perm[w*b:(w+1)*b] of the global
+    batch; each key goes back to its image's position."""
+    keys = torch.cat([F.normalize(encoder_k(x[slots]), dim=1) for slots in perm.chunk(W)])
+    return keys[torch.argsort(perm)]
+
+
+def reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T, perms):
+    """The symmetric v2 loss against the replicated queue; returns (loss, queue after the enqueue).
+    queue is oldest first: the enqueue drops the 2*B oldest keys and appends k1 and k2. perms: each
+    view's BN shuffle of the global batch."""
+    q1, q2 = per_worker(ref_q, x1, W), per_worker(ref_q, x2, W)
+    momentum_update(ref_q, ref_k, m)
+    with torch.no_grad():
+        k1, k2 = shuffled_keys(ref_k, x1, W, perms[0]), shuffled_keys(ref_k, x2, W, perms[1])
+    loss = (info_nce(q1, k2, queue, T) + info_nce(q2, k1, queue, T)) / 2
+    return loss, torch.cat([queue[2 * k1.shape[0]:], k1, k2])
+
+
+def max_diff(params, ref_params):
+    return max((a.detach() - b.detach()).abs().max().item() for a, b in zip(params, ref_params))
+
+
+def global_mean(x):
+    x = x.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+class Unwrapped(nn.Module):  # what DistributedDataParallel looks like without a process group
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def ddp(module):
+    return DistributedDataParallel(module) if dist.is_initialized() else Unwrapped(module)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def _v3_equivalence(rank, W, b=4, steps=3, m=0.9, T=0.5):
+    torch.manual_seed(0)
+    model = MoCoV3(m=m, T=T, bn="split", bn_splits=1, encoders=tiny_v3_encoders())
+    ref_q, ref_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    model.encoder_q = ddp(model.encoder_q)
+    optimizer, ref_optimizer = sgd(model.encoder_q.parameters()), sgd(ref_q.parameters())
+    diffs = []
+    for step in range(steps):
+        x1, x2 = views(step, W, b)
+        loss, stats = model(x1.chunk(W)[rank], x2.chunk(W)[rank], step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ref_loss = reference_v3_step(ref_q, ref_k, x1, x2, W, m, T)
+        ref_optimizer.zero_grad()
+        ref_loss.backward()
+        ref_optimizer.step()
+        diffs.append(max(abs(global_mean(loss) - ref_loss).item(),
+                         max_diff(model.encoder_q.module.parameters(), ref_q.parameters()),
+                         max_diff(model.encoder_k.parameters(), ref_k.parameters())))
+        assert 0 <= stats["acc"] <= 1 and -1 <= stats["l_neg"] <= 1
+    assert max(diffs) < TOL, diffs
+    # the query path learned (non-trivial comparison) and the predictor is not in the momentum encoder
+    assert max_diff(model.encoder_q.module.base.parameters(), copy.deepcopy(model.encoder_k).parameters()) > 1e-3
+    assert len(list(model.encoder_k.parameters())) == len(list(model.base_encoder.parameters()))
+    return max(diffs)
+
+
+@pytest.mark.parametrize("W", [1, 2, 3])
+def test_v3_step_equals_algorithm_1(W):
+    diffs = run_gloo(_v3_equivalence, W)
+    print(f"v3 W={W}: max abs diff {max(diffs):.2e}")
+
+
+def _v2plus_equivalence(rank, W, bn="split", b=4, K=48, steps=3, m=0.9, T=0.2):
+    torch.manual_seed(0)
+    model = MoCoV2Plus(arch="resnet18", dim=8, K=K, m=m, T=T, bn=bn, bn_splits=1, seed=3,
+                       encoder=tiny_v3_encoders()[0])
+    ref_q, ref_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    # the replicated queue, oldest first: shard r's slot j is overwritten at the same step on every r
+    queue = all_gather(model.queue.keys[None]).transpose(0, 1).reshape(K, -1).clone()
+    model.encoder_q = ddp(model.encoder_q)
+    optimizer, ref_optimizer = sgd(model.encoder_q.parameters()), sgd(ref_q.parameters())
+    diffs = []
+    for step in range(steps):
+        x1, x2 = views(step, W, b)
+        loss, _ = model(x1.chunk(W)[rank], x2.chunk(W)[rank], step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        # shuffle: each view's permutation of the (seed, 2*step + view) stream; split: none that
+        # matters (one split per worker: BN over the worker's own images in any order)
+        perms = [torch.randperm(W * b, generator=seeded_generator(3, 2 * step + view)) if model.bn == "shuffle"
+                 and W > 1 else torch.arange(W * b) for view in (0, 1)]
+        ref_loss, queue = reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T, perms)
+        ref_optimizer.zero_grad()
+        ref_loss.backward()
+        ref_optimizer.step()
+        shards = all_gather(model.queue.keys[None]).reshape(K, -1)
+        same_set = torch.cdist(shards, queue, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max().item()
+        diffs.append(max(abs(global_mean(loss) - ref_loss).item(), same_set,
+                         max_diff(model.encoder_q.module.parameters(), ref_q.parameters()),
+                         max_diff(model.encoder_k.parameters(), ref_k.parameters())))
+        assert int((model.queue.steps == step).sum()) == 2 * b   # both views' keys enqueued
+    assert max(diffs) < TOL, diffs
+    return max(diffs)
+
+
+@pytest.mark.parametrize("W, bn", [(1, "split"), (2, "split"), (3, "split"), (2, "shuffle"), (3, "shuffle")])
+def test_v2plus_step_equals_replicated_queue_reference(W, bn):
+    diffs = run_gloo(_v2plus_equivalence, W, bn)
+    print(f"v2+ W={W} bn={bn}: max abs diff {max(diffs):.2e}")
+
+
+def test_v3_without_process_group_and_bad_bn():
+    assert _v3_equivalence(0, 1, steps=1) < TOL
+    with pytest.raises(ValueError, match="bn=sync or bn=split"):
+        MoCoV3(arch="resnet18", bn="shuffle")
