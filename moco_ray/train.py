@@ -207,7 +207,8 @@ def main(argv=None):
     print(f"  epochs          {m.get('epoch')} / {cfg.epochs}")
     print(f"  steps           {m.get('step')}")
     print(f"  final loss      {fmt(m.get('loss'))}")
-    print(f"  kNN top-1       {fmt(m.get('knn_top1'))} %  (random init: {fmt(m.get('knn_init_top1'))} %)")
+    print(f"  kNN top-1       {fmt(m.get('knn_top1'))} %  (raw pixels: {fmt(m.get('knn_pixels_top1'))} %, "
+          f"random init: {fmt(m.get('knn_init_top1'))} %)")
     print(f"  images/s        {fmt(m.get('images_per_s'))}")
     print(f"  wall time       {wall:.0f} s")
     print(f"  checkpoint      {result.checkpoint.path if result.checkpoint else 'none'}")

@@ -1,6 +1,7 @@
 """A sweep's results: the table (printed, and saved as parquet), the best config as YAML, the heatmap,
-the metric against m, and each trial's curve over epochs. kNN top-1 is shown next to its baseline:
-the same kNN on the randomly initialised encoder (each trial measures it before its first step)."""
+the metric against m, and each trial's curve over epochs. kNN top-1 is shown next to its baselines:
+the same kNN on the randomly initialised encoder and on the raw pixels (each trial measures both
+before its first step)."""
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ HEATMAP_FILE = "heatmap.png"
 BY_M_FILE = "by_m.png"
 CURVES_FILE = "curves.png"
 BASELINE = "knn_init_top1"
+PIXELS = "knn_pixels_top1"
 
 
 def _number(v):
@@ -33,10 +35,10 @@ def _curve(df, metric):
     return sorted(points.items())
 
 
-def baseline(rows, spec):
+def baseline(rows, spec, key=BASELINE):
     """The random-init kNN top-1 of the trials (one value: they share the seed and the encoder), or
-    None when the metric is not kNN top-1."""
-    values = [r[BASELINE] for r in rows if not math.isnan(r[BASELINE])]
+    with key=PIXELS the raw-pixel kNN top-1; None when the metric is not kNN top-1."""
+    values = [r[key] for r in rows if not math.isnan(r.get(key, math.nan))]
     if spec["metric"] != "knn_top1" or not values:
         return None
     return sum(values) / len(values)
@@ -68,6 +70,7 @@ def collect(path, spec):
             "status": trial.status,
             "wall_s": _number(last.get("time_total_s")),
             BASELINE: _number(last.get(BASELINE)),
+            PIXELS: _number(last.get(PIXELS)),
             "checkpoint": last.get("checkpoint_path") or "",
             "curve": [list(point) for point in curve],
         })
@@ -125,10 +128,10 @@ def heatmap(rows, spec, out):
     plt = _pyplot()
     metric = spec["metric"]
     key = f"{metric}_last"
-    base = baseline(rows, spec)
+    base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     taus = sorted({r["tau"] for r in rows})
     ms = sorted({r["m"] for r in rows})
-    values = [r[key] for r in rows if not math.isnan(r[key])] + ([base] if base is not None else [])
+    values = [r[key] for r in rows if not math.isnan(r[key])] + [b for b in (base, pixels) if b is not None]
     scale = dict(vmin=min(values), vmax=max(values)) if values else {}
     fig, ax = plt.subplots(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), dpi=110)
     cmap = "viridis" if spec["mode"] == "max" else "viridis_r"
@@ -162,18 +165,24 @@ def heatmap(rows, spec, out):
     bar = fig.colorbar(image, ax=ax, label=metric)
     if base is not None:
         bar.ax.axhline(base, color="red", linewidth=2)
+    if pixels is not None:
+        bar.ax.axhline(pixels, color="orange", linewidth=2)
     ax.set_xlabel("temperature tau (T)")
     ax.set_ylabel("momentum m")
     ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial"
-                 + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)"), fontsize=9)
+                 + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)")
+                 + ("" if pixels is None else f", raw pixels {pixels:.4g} (orange)"), fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
 
 
-def _baseline_line(ax, base):
+def _baseline_lines(ax, rows, spec):
+    base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     if base is not None:
         ax.axhline(base, color="grey", linestyle="--", label=f"random init {base:.4g}")
+    if pixels is not None:
+        ax.axhline(pixels, color="grey", linestyle=":", label=f"raw pixels {pixels:.4g}")
 
 
 def by_m(rows, spec, out):
@@ -193,7 +202,7 @@ def by_m(rows, spec, out):
         ax.plot(xs, ys, marker="o", label=f"tau {tau:g}")
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    _baseline_line(ax, baseline(rows, spec))
+    _baseline_lines(ax, rows, spec)
     ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms])
     ax.set_xlabel("momentum m")
     ax.set_ylabel(f"{spec['metric']} (last)")
@@ -214,7 +223,7 @@ def curves(rows, spec, out):
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
                     label=f"tau {r['tau']:g}, m {r['m']:g}" + (" (stopped)" if r["stopped_early"] else ""))
-    _baseline_line(ax, base)
+    _baseline_lines(ax, rows, spec)
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec["metric"])
     ax.set_title(f"{spec['name']}: {spec['metric']} of each trial over epochs", fontsize=9)
@@ -239,10 +248,13 @@ def summary(path, spec, rows, wall):
     if best is not None:
         lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} {spec['metric']} "
                      f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
-    base = baseline(rows, spec)
+    base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     if base is not None:
         gain = f"; best trial {best[spec['metric'] + '_last'] - base:+.2f} points" if best else ""
         lines.append(f"[sweep] random-init kNN top-1 (the encoder before training): {base:.4g}{gain}")
+    if pixels is not None:
+        gain = f"; best trial {best[spec['metric'] + '_last'] - pixels:+.2f} points" if best else ""
+        lines.append(f"[sweep] raw-pixel kNN top-1 (no encoder): {pixels:.4g}{gain}")
     path = Path(path)
     lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "
                  f"{path / BY_M_FILE}, {path / CURVES_FILE}")
