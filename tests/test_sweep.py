@@ -22,7 +22,7 @@ from moco_ray import checkpoint, config as C
 from moco_ray import train as moco_train
 from tune import sweep
 from tune.callbacks import FreshMetricCallback
-from tune.results import BASELINE, BEST_FILE, BY_M_FILE, CURVES_FILE, HEATMAP_FILE, RESULTS_FILE
+from tune.results import BASELINE, BEST_FILE, BY_M_FILE, CURVES_FILE, HEATMAP_FILE, PIXELS, RESULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 32, 10
@@ -203,6 +203,8 @@ def test_grid_of_four_trials_writes_table_yaml_heatmap(ray_session, tiny, tmp_pa
     # the baseline: the same random-init kNN in every trial (same seed and encoder), printed with it
     assert df[BASELINE].between(0, 100).all() and df[BASELINE].nunique() == 1
     assert f"random-init kNN top-1 (the encoder before training): {df[BASELINE].iloc[0]:.4g}" in out
+    assert df[PIXELS].between(0, 100).all() and df[PIXELS].nunique() == 1   # no encoder: one value
+    assert f"raw-pixel kNN top-1 (no encoder): {df[PIXELS].iloc[0]:.4g}" in out
     for row in df.itertuples():                                     # one kNN point per epoch
         assert [list(p) for p in row.curve] == [[1, row.knn_top1_last]]
 
