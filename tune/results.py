@@ -11,6 +11,7 @@ RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
 HEATMAP_FILE = "heatmap.png"
 BY_M_FILE = "by_m.png"
+BY_K_FILE = "by_K.png"
 CURVES_FILE = "curves.png"
 BASELINE = "knn_init_top1"
 PIXELS = "knn_pixels_top1"
@@ -63,6 +64,7 @@ def collect(path, spec):
             "trial_id": trial.trial_id,
             "tau": float(trial.config["T"]),
             "m": float(trial.config["m"]),
+            "K": int(trial.config.get("K", spec["cfg"]["K"])),
             f"{metric}_best": best,
             f"{metric}_last": values[-1] if values else math.nan,
             "epochs": int(last["epoch"]) if last.get("epoch") is not None else 0,
@@ -74,7 +76,7 @@ def collect(path, spec):
             "checkpoint": last.get("checkpoint_path") or "",
             "curve": [list(point) for point in curve],
         })
-    rows.sort(key=lambda r: (r["tau"], r["m"], r["trial_id"]))
+    rows.sort(key=lambda r: (r["tau"], r["m"], r["K"], r["trial_id"]))
     return rows
 
 
@@ -97,10 +99,11 @@ def write(path, spec, rows):
     pd.DataFrame(rows).to_parquet(path / RESULTS_FILE, index=False)
     best = best_row(rows, spec)
     if best is not None:
-        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]), {"T": best["tau"], "m": best["m"]})
+        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]), {"T": best["tau"], "m": best["m"], "K": best["K"]})
         C.dump(cfg, path / BEST_FILE)
     heatmap(rows, spec, path / HEATMAP_FILE)
     by_m(rows, spec, path / BY_M_FILE)
+    by_K(rows, spec, path / BY_K_FILE)
     curves(rows, spec, path / CURVES_FILE)
     return best
 
@@ -188,14 +191,25 @@ def _baseline_lines(ax, rows, spec):
 def by_m(rows, spec, out):
     """The metric (last value; repeats averaged) against m, one line per tau: the momentum ablation.
     m is placed by rank (0, 0.9, 0.99, ... evenly spaced), since 1 - m spans decades."""
+    against(rows, spec, out, "m", "momentum m")
+
+
+def by_K(rows, spec, out):
+    """The metric against the queue size K, one line per tau (K by rank: sizes span powers of 2)."""
+    against(rows, spec, out, "K", "queue size K")
+
+
+def against(rows, spec, out, param, label):
+    """The metric (last value; trials that differ in other parameters, and repeats, averaged)
+    against `param`, placed by rank, one line per tau."""
     plt = _pyplot()
     key = f"{spec['metric']}_last"
-    ms = sorted({r["m"] for r in rows})
+    ms = sorted({r[param] for r in rows})
     fig, ax = plt.subplots(figsize=(1.2 * max(len(ms), 4) + 2, 4), dpi=110)
     for tau in sorted({r["tau"] for r in rows}):
         xs, ys = [], []
         for i, m in enumerate(ms):
-            vals = [r[key] for r in rows if r["tau"] == tau and r["m"] == m and not math.isnan(r[key])]
+            vals = [r[key] for r in rows if r["tau"] == tau and r[param] == m and not math.isnan(r[key])]
             if vals:
                 xs.append(i)
                 ys.append(sum(vals) / len(vals))
@@ -204,9 +218,9 @@ def by_m(rows, spec, out):
             ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     _baseline_lines(ax, rows, spec)
     ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms])
-    ax.set_xlabel("momentum m")
+    ax.set_xlabel(label)
     ax.set_ylabel(f"{spec['metric']} (last)")
-    ax.set_title(f"{spec['name']}: {spec['metric']} against m", fontsize=9)
+    ax.set_title(f"{spec['name']}: {spec['metric']} against {param}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
@@ -222,7 +236,7 @@ def curves(rows, spec, out):
         points = ([[0, r[BASELINE]]] if base is not None and not math.isnan(r[BASELINE]) else []) + list(r["curve"])
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                    label=f"tau {r['tau']:g}, m {r['m']:g}" + (" (stopped)" if r["stopped_early"] else ""))
+                    label=f"tau {r['tau']:g}, m {r['m']:g}, K {r['K']}" + (" (stopped)" if r["stopped_early"] else ""))
     _baseline_lines(ax, rows, spec)
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec["metric"])
@@ -246,7 +260,7 @@ def summary(path, spec, rows, wall):
     best = best_row(rows, spec)
     lines = [f"\n[sweep] {spec['name']}: {len(rows)} of {spec.get('trials', len(rows))} trials, wall time {wall:.0f} s", table(rows, spec)]
     if best is not None:
-        lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} {spec['metric']} "
+        lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} K={best['K']} {spec['metric']} "
                      f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
     base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     if base is not None:
@@ -257,5 +271,5 @@ def summary(path, spec, rows, wall):
         lines.append(f"[sweep] raw-pixel kNN top-1 (no encoder): {pixels:.4g}{gain}")
     path = Path(path)
     lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "
-                 f"{path / BY_M_FILE}, {path / CURVES_FILE}")
+                 f"{path / BY_M_FILE}, {path / BY_K_FILE}, {path / CURVES_FILE}")
     return "\n".join(lines)
