@@ -1,7 +1,7 @@
 """python -m moco_ray.train: the CLI and driver. The per-worker loop that Ray Train runs is
 moco_ray.worker.train_func.
 
-    python -m moco_ray.train                                   # demo: digits, local Ray, 2 CPU workers
+    python -m moco_ray.train                                   # demo: embedded dataset, local Ray, 2 CPU workers
     python -m moco_ray.train --config moco-v2 --num-workers 4:16 --set data=/data/in1k/train
     ray job submit --working-dir . -- python -m moco_ray.train --config moco-v2 ...
     python -m moco_ray.train --config moco-v2 ... --name RUN --resume auto   # continue RUN, or start it
@@ -64,7 +64,7 @@ def add_run_arguments(p, presets):
 
 
 def resolve_data(cfg, splits=("data", "knn_data")):
-    """The embedded digits when no dataset is given (built on first use): its train split for
+    """The embedded dataset when no dataset is given (built on first use): its train split for
     splits[0], its val split for splits[1]; dataset checks."""
     from moco_ray import data
 

@@ -186,7 +186,7 @@ def test_presets_bound_the_bank_and_validation_refuses_bad_values():
     for name in ("moco-v1", "moco-v2"):
         cfg = C.preset(name)
         assert (cfg.knn_bank_per_class, cfg.knn_every) == (100, 10)
-    assert C.preset("demo").knn_bank_per_class == 0        # the whole digits split
+    assert C.preset("demo").knn_bank_per_class == 0        # the whole embedded train split
     for key, value in (("knn_chunk", 0), ("knn_bank_per_class", -1)):
         with pytest.raises(C.ConfigError, match=key):
             C.validate(C.apply_overrides(C.Config(), {key: value}))
