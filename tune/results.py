@@ -99,7 +99,8 @@ def write(path, spec, rows):
     pd.DataFrame(rows).to_parquet(path / RESULTS_FILE, index=False)
     best = best_row(rows, spec)
     if best is not None:
-        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]), {"T": best["tau"], "m": best["m"], "K": best["K"]})
+        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]),
+                                {"T": best["tau"], "m": best["m"], "K": best["K"]})
         C.dump(cfg, path / BEST_FILE)
     heatmap(rows, spec, path / HEATMAP_FILE)
     by_m(rows, spec, path / BY_M_FILE)
