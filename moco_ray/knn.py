@@ -131,6 +131,12 @@ def knn_top1(backbone, bank_loader, query_loader, num_classes, k, t, device, chu
     return top1(pred, query_labels)
 
 
+def pixels_top1(bank_loader, query_loader, num_classes, k, t, device, chunk=CHUNK):
+    """The baseline without an encoder: knn_top1 of the flattened input pixels, at the resolution and
+    normalisation the encoders see (3 * res * res features per image)."""
+    return knn_top1(torch.nn.Flatten(), bank_loader, query_loader, num_classes, k, t, device, chunk)
+
+
 def peak_bytes(n, q, world, dim, num_classes, k=200, chunk=CHUNK):
     """The per-rank memory of the module docstring, in bytes (fp32 features, int64 labels)."""
     shard, own = -(-n // world), -(-q // world)

@@ -84,7 +84,7 @@ LABELS = ("run", "rank", "node")
 
 # Progress and bookkeeping fields that every report carries besides the metrics above.
 PROGRESS_KEYS = ("event", "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
-                 "knn_init_top1", "resumed_from", "checkpoint_save_s", "train_s", "lincls_best_epoch",
+                 "knn_init_top1", "knn_pixels_top1", "resumed_from", "checkpoint_save_s", "train_s", "lincls_best_epoch",
                  "sanity_checked_epochs", "error")
 
 

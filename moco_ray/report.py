@@ -129,6 +129,12 @@ def restarts(df):
     return out
 
 
+def start_value(df, key):
+    """`key` of the run's first start record (a baseline measured before the first step), or None."""
+    starts = df[df["event"] == "start"] if "event" in df else df.iloc[:0]
+    return starts.iloc[0].get(key) if len(starts) and key in df else None
+
+
 def knn_points(df, knn_every=None):
     """(epoch, kNN top-1): the random-init encoder at 0, then every evaluation at the fractional
     epoch (step / steps_per_epoch) of the report that carries it. The loop evaluates at the end of
@@ -225,14 +231,18 @@ def plot_loss_lr(c, events, path, name):
     _save(plt, fig, path)
 
 
-def plot_knn(points, path, name):
+def plot_knn(points, path, name, pixels=None):
+    """points: (epoch, top-1) of the encoder; pixels: the raw-pixel kNN top-1 (a dashed line)."""
     plt, fig, ax = _figure(f"{name}: kNN top-1 of the query encoder")
+    if _ok(pixels):
+        ax.axhline(float(pixels), color="grey", linestyle="--", label=f"raw pixels {float(pixels):.1f}")
+        ax.legend(fontsize=8)
     if points:
         xs, ys = zip(*points)
         ax.plot(xs, ys, color="tab:green", marker="o")
         for x, y in points:
             ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-        ax.set_ylim(0, min(100, max(ys) * 1.15 + 1))
+        ax.set_ylim(0, min(100, max(*ys, float(pixels) if _ok(pixels) else 0) * 1.15 + 1))
     else:
         ax.text(0.5, 0.5, "no kNN measurements in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch (0 = random init)")
@@ -316,8 +326,7 @@ def summary(name, run_dir, df, c, events, knn, config, lincls=None, plots=PLOTS)
     wall = df["time"].max() - df["time"].min() if "time" in df and df["time"].notna().any() else None
     worlds = c["world_size"].dropna().astype(int)
     knn_final = knn[-1][1] if knn and knn[-1][0] > 0 else None
-    start = df[df["event"] == "start"]
-    knn_init = start.iloc[0].get("knn_init_top1") if len(start) else None
+    knn_init, knn_pixels = start_value(df, "knn_init_top1"), start_value(df, "knn_pixels_top1")
     ckpts = df["checkpoint"].dropna() if "checkpoint" in df else []
     n_resize = sum(kind == "resize" for _, kind, _ in events)
     rows = [
@@ -325,7 +334,8 @@ def summary(name, run_dir, df, c, events, knn, config, lincls=None, plots=PLOTS)
         ("steps", f"{int(last['step'])} / {_fmt(total, 'g')}"),
         ("epochs", f"{epochs} / {epochs_total}"),
         ("final loss", _fmt(last.get("loss"), ".4f")),
-        ("kNN top-1", f"{_fmt(knn_final, '.2f', ' %')} (random init: {_fmt(knn_init, '.2f', ' %')})"),
+        ("kNN top-1", f"{_fmt(knn_final, '.2f', ' %')} (raw pixels: {_fmt(knn_pixels, '.2f', ' %')}, "
+                      f"random init: {_fmt(knn_init, '.2f', ' %')})"),
         ("images/s", f"{_fmt(last.get('images_per_s'), '.1f')} at the end, median "
                      f"{_fmt(c['images_per_s'].median(), '.1f')} over {len(c)} reports"),
         ("data-wait share", f"{_fmt(100 * c['data_wait_share'].mean(), '.1f', ' %')} mean"
@@ -376,7 +386,7 @@ def write_report(run_dir, out=None):
     plots = plots_of(df)
     lincls = lincls_points(df, (config or {}).get("eval_every")) if LINCLS_PLOT[0] in plots else None
     if lincls is None:
-        plot_knn(knn, out / "knn_top1.png", name)
+        plot_knn(knn, out / "knn_top1.png", name, start_value(df, "knn_pixels_top1"))
     else:
         plot_lincls(lincls, out / LINCLS_PLOT[0], name)
     plot_throughput(c, world_sizes(df), events, out / "throughput.png", name)

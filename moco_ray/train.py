@@ -1,7 +1,7 @@
 """python -m moco_ray.train: the CLI and driver. The per-worker loop that Ray Train runs is
 moco_ray.worker.train_func.
 
-    python -m moco_ray.train                                   # demo: digits, local Ray, 2 CPU workers
+    python -m moco_ray.train                                   # demo: embedded dataset, local Ray, 2 CPU workers
     python -m moco_ray.train --config moco-v2 --num-workers 4:16 --set data=/data/in1k/train
     ray job submit --working-dir . -- python -m moco_ray.train --config moco-v2 ...
     python -m moco_ray.train --config moco-v2 ... --name RUN --resume auto   # continue RUN, or start it
@@ -66,7 +66,7 @@ def add_run_arguments(p, presets):
 
 
 def resolve_data(cfg, splits=("data", "knn_data")):
-    """The embedded digits when no dataset is given (built on first use): its train split for
+    """The embedded dataset when no dataset is given (built on first use): its train split for
     splits[0], its val split for splits[1]; dataset checks."""
     from moco_ray import data
 
@@ -237,7 +237,8 @@ def main(argv=None):
     print(f"  epochs          {m.get('epoch')} / {cfg.epochs}")
     print(f"  steps           {m.get('step')}")
     print(f"  final loss      {fmt(m.get('loss'))}")
-    print(f"  kNN top-1       {fmt(m.get('knn_top1'))} %  (random init: {fmt(m.get('knn_init_top1'))} %)")
+    print(f"  kNN top-1       {fmt(m.get('knn_top1'))} %  (raw pixels: {fmt(m.get('knn_pixels_top1'))} %, "
+          f"random init: {fmt(m.get('knn_init_top1'))} %)")
     print(f"  images/s        {fmt(m.get('images_per_s'))}")
     print(f"  wall time       {wall:.0f} s")
     print(f"  checkpoint      {result.checkpoint.path if result.checkpoint else 'none'}")

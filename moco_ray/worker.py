@@ -376,7 +376,7 @@ class Loop:
 class Worker(Loop):
     """MoCo pretraining on one worker: model, optimizer, loss scaler, queue shard, kNN monitor."""
 
-    PROGRESS = dict(knn_init_top1=None, knn_top1=None)
+    PROGRESS = dict(knn_pixels_top1=None, knn_init_top1=None, knn_top1=None)
     loader_options = dict(raw_k=True)   # view k augmented in the step, after the shuffle
 
     def build(self):
@@ -417,6 +417,8 @@ class Worker(Loop):
         p = self.progress
         if p["knn_init_top1"] is None and p["step"] == 0:
             p["knn_init_top1"] = self.monitor()
+        if p["knn_pixels_top1"] is None:   # no encoder: the same at any step, so also after a resume
+            p["knn_pixels_top1"] = self.monitor(pixels=True)
         super().start()
 
     def step(self, batch, epochs_done):
@@ -455,10 +457,11 @@ class Worker(Loop):
         self.progress["knn_top1"], self.measured_step = self.monitor(), self.progress["step"]
 
     def measures(self):
-        return {"knn_top1": self.progress["knn_top1"], "knn_init_top1": self.progress["knn_init_top1"]}
+        return {key: self.progress[key] for key in ("knn_top1", "knn_init_top1", "knn_pixels_top1")}
 
-    def monitor(self):
-        """kNN top-1 (%) of the query encoder's backbone; None without knn_data."""
+    def monitor(self, pixels=False):
+        """kNN top-1 (%) of the query encoder's backbone (pixels: of the raw input pixels, the
+        baseline without an encoder); None without knn_data."""
         from moco_ray import data, knn
 
         cfg = self.cfg
@@ -470,6 +473,9 @@ class Worker(Loop):
                                      seed=cfg.seed)
         query = data.make_eval_loader(cfg.knn_data, batch_size=batch, rank=self.rank, world_size=self.W,
                                       res=cfg.res, device=self.device)
+        if pixels:
+            return knn.pixels_top1(bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t, self.device,
+                                   chunk=cfg.knn_chunk)
         with backbone_of(getattr(self.model, "base_encoder", self.encoder_q)) as backbone:  # in fp32: the monitor runs every knn_every epochs
             return knn.knn_top1(backbone, bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t,
                                 self.device, chunk=cfg.knn_chunk)

@@ -180,7 +180,7 @@ def test_demo_end_to_end(tmp_path):
     from data_prep.demo import build_demo
     from moco_ray.data import dataset_info
 
-    paths = build_demo(tmp_path / "digits", size=16)
+    paths = build_demo(tmp_path / "digits", "digits", size=16)
     train, val = dataset_info(paths["train"]), dataset_info(paths["val"])
     assert train["n"] + val["n"] == 1797 and abs(val["n"] - 0.2 * 1797) < 2
     assert train["classes"] == val["classes"] == [str(d) for d in range(10)] == paths["classes"]
@@ -191,5 +191,24 @@ def test_demo_end_to_end(tmp_path):
     assert images[0].shape == (16, 16, 3) and images[0].std() > 10  # a digit, not a blank
 
     t = time.perf_counter()
-    assert build_demo(tmp_path / "digits", size=16) == paths
+    assert build_demo(tmp_path / "digits", "digits", size=16) == paths
     assert time.perf_counter() - t < 1.0
+
+
+def test_cluttered_scenes_split_by_scan_and_drawn_per_rendering():
+    """The default embedded dataset: every scan of a split rendered RENDERINGS[split] times, no scan
+    in both splits, and nothing but the digit shared by the renderings of one scan."""
+    from data_prep.demo import RENDERINGS, scans, split_images
+
+    splits = split_images("cluttered", 32, 0.2, 0)
+    digits = split_images("digits", 32, 0.2, 0)      # the same stratified split of the scans
+    for split, (images, labels) in splits.items():
+        assert images.shape == (len(digits[split][1]) * RENDERINGS[split], 32, 32, 3)
+        assert np.array_equal(labels, np.repeat(digits[split][1], RENDERINGS[split]))
+    assert len(splits["train"][1]) >= 5000
+    assert sum(len(labels) // RENDERINGS[split] for split, (_, labels) in splits.items()) == len(scans()[1])
+    images = splits["train"][0].astype(float)
+    corners = images[:, :2, :2].mean(axis=(1, 2))                 # ~ the background colour
+    twins = corners.reshape(-1, RENDERINGS["train"], 3)           # the renderings of one scan
+    assert np.abs(twins[:, 0] - twins[:, 1]).mean() > 40          # drawn independently per rendering
+    assert images.std(axis=(1, 2, 3)).min() > 5                   # never blank

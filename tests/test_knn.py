@@ -153,6 +153,17 @@ def test_bank_loader_reads_the_same_subset_at_every_world_size(digits):
     assert len(expected) == 5 * D.dataset_info(train)["num_classes"]
 
 
+def test_raw_pixels_solve_the_digits_and_fail_on_the_cluttered_scenes(digits, cluttered):
+    """knn.pixels_top1, the baseline every pretrained accuracy is printed next to, at the demo's res
+    and k: the digits are solved by pixels alone, the default embedded dataset is far from it."""
+    top1 = {}
+    for name, paths in (("digits", digits), ("cluttered", cluttered)):
+        bank = D.make_eval_loader(paths["train"], batch_size=256, rank=0, world_size=1, res=16, num_workers=1)
+        query = D.make_eval_loader(paths["val"], batch_size=256, rank=0, world_size=1, res=16, num_workers=1)
+        top1[name] = knn.pixels_top1(bank, query, 10, k=200, t=0.1, device="cpu")
+    assert top1["digits"] > 85 and top1["cluttered"] < 45, top1
+
+
 def test_knn_top1_on_digits_pixels(digits):
     """The whole monitor on real loaders, with raw pixels as the features: digits are easy."""
     backbone = torch.nn.Flatten()
@@ -175,7 +186,7 @@ def test_presets_bound_the_bank_and_validation_refuses_bad_values():
     for name in ("moco-v1", "moco-v2"):
         cfg = C.preset(name)
         assert (cfg.knn_bank_per_class, cfg.knn_every) == (100, 10)
-    assert C.preset("demo").knn_bank_per_class == 0        # the whole digits split
+    assert C.preset("demo").knn_bank_per_class == 0        # the whole embedded train split
     for key, value in (("knn_chunk", 0), ("knn_bank_per_class", -1)):
         with pytest.raises(C.ConfigError, match=key):
             C.validate(C.apply_overrides(C.Config(), {key: value}))

@@ -36,6 +36,7 @@ def synthetic_run(run_dir, total=60, spe=20):
         records.append({"event": "start", "step": start, "world_size": world, "batch_effective": 128,
                         "total_steps": total, "resumed_from": resumed, "time": t,
                         "knn_init_top1": 10.0 if resumed is None else None,
+                        "knn_pixels_top1": 7.0 if resumed is None else None,
                         **({"config": {"T": 0.2, "m": 0.99, "epochs": 3}} if resumed is None else {})})
         for s in range(start + 5, end + 1, 5):
             t += 1.0
@@ -69,7 +70,7 @@ def test_report_of_a_run_with_restart_and_resize(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| status | finished |" in summary and "| restarts / resizes | 1 / 1 |" in summary
     assert "resize at step 40 -> world size 3" in summary and "| `T` | `0.2` |" in summary
-    assert "50.00 %" in summary and "random init: 10.00 %" in summary
+    assert "50.00 % (raw pixels: 7.00 %, random init: 10.00 %)" in summary
 
 
 def demo_like_run(run_dir, knn):

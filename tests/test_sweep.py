@@ -22,7 +22,7 @@ from moco_ray import checkpoint, config as C
 from moco_ray import train as moco_train
 from tune import sweep
 from tune.callbacks import FreshMetricCallback
-from tune.results import BASELINE, BEST_FILE, BY_M_FILE, CURVES_FILE, HEATMAP_FILE, RESULTS_FILE
+from tune.results import BASELINE, BEST_FILE, BY_K_FILE, BY_M_FILE, CURVES_FILE, HEATMAP_FILE, PIXELS, RESULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 32, 10
@@ -33,9 +33,10 @@ def tiny(tmp_path_factory):
     """An ImageFolder slice of the embedded digits: 32 train and 10 val images per class."""
     from PIL import Image
 
-    from data_prep.demo import digit_images
+    from data_prep.demo import digit_images, scans
 
-    images, labels = digit_images(32, seed=0)
+    ink, labels = scans()
+    images = digit_images(ink, 32)
     root = tmp_path_factory.mktemp("tiny_digits")
     for split, per_class, offset in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, TRAIN_PER_CLASS)):
         for c in range(10):
@@ -83,6 +84,9 @@ def wait_for_cpus(ray, n, timeout_s=60):
     (["--tau", "0.1", "--m", "0.9", "--set", "K=16"], "K=16 is smaller than the global batch"),
     (["--tau", "gauss:1", "--m", "0.9"], "unknown distribution"),
     (["--m", "0.9"], "--tau is required"),
+    (["--tau", "0.1", "--m", "0.9", "--K", "1024,100.5"], "--K: the queue size must be a whole number"),
+    (["--tau", "0.1", "--m", "0.9", "--K", "uniform:256:1024"], "--K: queue sizes are a list"),
+    (["--tau", "0.1", "--m", "0.9", "--K", "16,1024"], "K=16 is smaller than the global batch"),
 ])
 def test_bad_input_is_one_line_before_ray(argv, message, tmp_path, capsys, monkeypatch):
     def no_ray(*a, **k):
@@ -203,6 +207,8 @@ def test_grid_of_four_trials_writes_table_yaml_heatmap(ray_session, tiny, tmp_pa
     # the baseline: the same random-init kNN in every trial (same seed and encoder), printed with it
     assert df[BASELINE].between(0, 100).all() and df[BASELINE].nunique() == 1
     assert f"random-init kNN top-1 (the encoder before training): {df[BASELINE].iloc[0]:.4g}" in out
+    assert df[PIXELS].between(0, 100).all() and df[PIXELS].nunique() == 1   # no encoder: one value
+    assert f"raw-pixel kNN top-1 (no encoder): {df[PIXELS].iloc[0]:.4g}" in out
     for row in df.itertuples():                                     # one kNN point per epoch
         assert [list(p) for p in row.curve] == [[1, row.knn_top1_last]]
 
@@ -288,6 +294,28 @@ def test_resume_after_interruption_completes_without_rerunning(ray_session, tiny
     assert (first / "result.json").read_bytes() == first_results
     starts = [json.loads(line) for line in open(first / "train" / "metrics.jsonl")]
     assert sum(r.get("event") == "start" for r in starts) == 1
+    assert wait_for_cpus(ray_session, 2) == 2
+
+
+def test_queue_size_sweep_trains_each_K_and_plots_against_it(ray_session, tiny, tmp_path, capsys):
+    """--K sweeps the queue size as --tau and --m sweep theirs: one trial per K, each run with its
+    own K (its checkpoint's queue shard has K keys), the K column, the plot against K."""
+    from PIL import Image
+
+    assert sweep.main(sweep_args(tiny, tmp_path, "queue", "--tau", "0.2", "--m", "0.99", "--K", "64,256",
+                                 "--scheduler", "fifo", "--set", "epochs=1")) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "queue"
+    df = read_results(path)
+    assert sorted(df.K) == [64, 256] and (df.status == "TERMINATED").all() and (df.epochs == 1).all()
+    for row in df.itertuples():
+        state, shard, _ = checkpoint.load(Path(row.checkpoint), 0, 1, row.K)
+        assert state["config"]["K"] == row.K and len(shard["keys"]) == row.K
+        assert f"_K={row.K}" in row.checkpoint
+    assert "K=" in out.split("[sweep] best:")[1].splitlines()[0]
+    image = Image.open(path / BY_K_FILE)
+    assert image.format == "PNG" and len(set(image.convert("L").getdata())) > 10
+    assert C.load(str(path / BEST_FILE)).K in (64, 256)
     assert wait_for_cpus(ray_session, 2) == 2
 
 

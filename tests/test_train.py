@@ -27,7 +27,7 @@ def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
     short = ("--set", f"K={K}", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30", "--set", "report_every=2")
     assert main(tiny_run_args(digits, tmp_path, "short", "--set", f"epochs={epochs}", *short)) == 0
     out = capsys.readouterr().out
-    assert "kNN top-1" in out and "random init" in out
+    assert "kNN top-1" in out and "random init" in out and "raw pixels" in out
 
     rows = read_metrics(tmp_path / "short")
     steps = steps_of(rows)
@@ -42,6 +42,7 @@ def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
     last = [r["loss"] for r in steps if r["step"] > n_steps - per_epoch]
     assert sum(last) / len(last) < sum(first) / len(first) - 0.2, (first, last)
     assert rows[-1]["knn_top1"] is not None and rows[0]["knn_init_top1"] is not None
+    assert rows[0]["knn_pixels_top1"] > 80 and rows[-1]["knn_pixels_top1"] == rows[0]["knn_pixels_top1"]
 
     final = Path(rows[-1]["checkpoint"])
     manifest = checkpoint.verify(final)

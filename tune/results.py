@@ -1,6 +1,7 @@
 """A sweep's results: the table (printed, and saved as parquet), the best config as YAML, the heatmap,
-the metric against m, and each trial's curve over epochs. kNN top-1 is shown next to its baseline:
-the same kNN on the randomly initialised encoder (each trial measures it before its first step)."""
+the metric against m, and each trial's curve over epochs. kNN top-1 is shown next to its baselines:
+the same kNN on the randomly initialised encoder and on the raw pixels (each trial measures both
+before its first step)."""
 import math
 from pathlib import Path
 
@@ -10,8 +11,10 @@ RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
 HEATMAP_FILE = "heatmap.png"
 BY_M_FILE = "by_m.png"
+BY_K_FILE = "by_K.png"
 CURVES_FILE = "curves.png"
 BASELINE = "knn_init_top1"
+PIXELS = "knn_pixels_top1"
 
 
 def _number(v):
@@ -33,10 +36,10 @@ def _curve(df, metric):
     return sorted(points.items())
 
 
-def baseline(rows, spec):
+def baseline(rows, spec, key=BASELINE):
     """The random-init kNN top-1 of the trials (one value: they share the seed and the encoder), or
-    None when the metric is not kNN top-1."""
-    values = [r[BASELINE] for r in rows if not math.isnan(r[BASELINE])]
+    with key=PIXELS the raw-pixel kNN top-1; None when the metric is not kNN top-1."""
+    values = [r[key] for r in rows if not math.isnan(r.get(key, math.nan))]
     if spec["metric"] != "knn_top1" or not values:
         return None
     return sum(values) / len(values)
@@ -61,6 +64,7 @@ def collect(path, spec):
             "trial_id": trial.trial_id,
             "tau": float(trial.config["T"]),
             "m": float(trial.config["m"]),
+            "K": int(trial.config.get("K", spec["cfg"]["K"])),
             f"{metric}_best": best,
             f"{metric}_last": values[-1] if values else math.nan,
             "epochs": int(last["epoch"]) if last.get("epoch") is not None else 0,
@@ -68,10 +72,11 @@ def collect(path, spec):
             "status": trial.status,
             "wall_s": _number(last.get("time_total_s")),
             BASELINE: _number(last.get(BASELINE)),
+            PIXELS: _number(last.get(PIXELS)),
             "checkpoint": last.get("checkpoint_path") or "",
             "curve": [list(point) for point in curve],
         })
-    rows.sort(key=lambda r: (r["tau"], r["m"], r["trial_id"]))
+    rows.sort(key=lambda r: (r["tau"], r["m"], r["K"], r["trial_id"]))
     return rows
 
 
@@ -94,10 +99,12 @@ def write(path, spec, rows):
     pd.DataFrame(rows).to_parquet(path / RESULTS_FILE, index=False)
     best = best_row(rows, spec)
     if best is not None:
-        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]), {"T": best["tau"], "m": best["m"]})
+        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]),
+                                {"T": best["tau"], "m": best["m"], "K": best["K"]})
         C.dump(cfg, path / BEST_FILE)
     heatmap(rows, spec, path / HEATMAP_FILE)
     by_m(rows, spec, path / BY_M_FILE)
+    by_K(rows, spec, path / BY_K_FILE)
     curves(rows, spec, path / CURVES_FILE)
     return best
 
@@ -125,10 +132,10 @@ def heatmap(rows, spec, out):
     plt = _pyplot()
     metric = spec["metric"]
     key = f"{metric}_last"
-    base = baseline(rows, spec)
+    base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     taus = sorted({r["tau"] for r in rows})
     ms = sorted({r["m"] for r in rows})
-    values = [r[key] for r in rows if not math.isnan(r[key])] + ([base] if base is not None else [])
+    values = [r[key] for r in rows if not math.isnan(r[key])] + [b for b in (base, pixels) if b is not None]
     scale = dict(vmin=min(values), vmax=max(values)) if values else {}
     fig, ax = plt.subplots(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), dpi=110)
     cmap = "viridis" if spec["mode"] == "max" else "viridis_r"
@@ -162,42 +169,59 @@ def heatmap(rows, spec, out):
     bar = fig.colorbar(image, ax=ax, label=metric)
     if base is not None:
         bar.ax.axhline(base, color="red", linewidth=2)
+    if pixels is not None:
+        bar.ax.axhline(pixels, color="orange", linewidth=2)
     ax.set_xlabel("temperature tau (T)")
     ax.set_ylabel("momentum m")
     ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial"
-                 + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)"), fontsize=9)
+                 + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)")
+                 + ("" if pixels is None else f", raw pixels {pixels:.4g} (orange)"), fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
 
 
-def _baseline_line(ax, base):
+def _baseline_lines(ax, rows, spec):
+    base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     if base is not None:
         ax.axhline(base, color="grey", linestyle="--", label=f"random init {base:.4g}")
+    if pixels is not None:
+        ax.axhline(pixels, color="grey", linestyle=":", label=f"raw pixels {pixels:.4g}")
 
 
 def by_m(rows, spec, out):
     """The metric (last value; repeats averaged) against m, one line per tau: the momentum ablation.
     m is placed by rank (0, 0.9, 0.99, ... evenly spaced), since 1 - m spans decades."""
+    against(rows, spec, out, "m", "momentum m")
+
+
+def by_K(rows, spec, out):
+    """The metric against the queue size K, one line per tau (K by rank: sizes span powers of 2)."""
+    against(rows, spec, out, "K", "queue size K")
+
+
+def against(rows, spec, out, param, label):
+    """The metric (last value; trials that differ in other parameters, and repeats, averaged)
+    against `param`, placed by rank, one line per tau."""
     plt = _pyplot()
     key = f"{spec['metric']}_last"
-    ms = sorted({r["m"] for r in rows})
+    ms = sorted({r[param] for r in rows})
     fig, ax = plt.subplots(figsize=(1.2 * max(len(ms), 4) + 2, 4), dpi=110)
     for tau in sorted({r["tau"] for r in rows}):
         xs, ys = [], []
         for i, m in enumerate(ms):
-            vals = [r[key] for r in rows if r["tau"] == tau and r["m"] == m and not math.isnan(r[key])]
+            vals = [r[key] for r in rows if r["tau"] == tau and r[param] == m and not math.isnan(r[key])]
             if vals:
                 xs.append(i)
                 ys.append(sum(vals) / len(vals))
         ax.plot(xs, ys, marker="o", label=f"tau {tau:g}")
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    _baseline_line(ax, baseline(rows, spec))
+    _baseline_lines(ax, rows, spec)
     ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms])
-    ax.set_xlabel("momentum m")
+    ax.set_xlabel(label)
     ax.set_ylabel(f"{spec['metric']} (last)")
-    ax.set_title(f"{spec['name']}: {spec['metric']} against m", fontsize=9)
+    ax.set_title(f"{spec['name']}: {spec['metric']} against {param}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
@@ -213,8 +237,8 @@ def curves(rows, spec, out):
         points = ([[0, r[BASELINE]]] if base is not None and not math.isnan(r[BASELINE]) else []) + list(r["curve"])
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                    label=f"tau {r['tau']:g}, m {r['m']:g}" + (" (stopped)" if r["stopped_early"] else ""))
-    _baseline_line(ax, base)
+                    label=f"tau {r['tau']:g}, m {r['m']:g}, K {r['K']}" + (" (stopped)" if r["stopped_early"] else ""))
+    _baseline_lines(ax, rows, spec)
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec["metric"])
     ax.set_title(f"{spec['name']}: {spec['metric']} of each trial over epochs", fontsize=9)
@@ -237,13 +261,16 @@ def summary(path, spec, rows, wall):
     best = best_row(rows, spec)
     lines = [f"\n[sweep] {spec['name']}: {len(rows)} of {spec.get('trials', len(rows))} trials, wall time {wall:.0f} s", table(rows, spec)]
     if best is not None:
-        lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} {spec['metric']} "
+        lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} K={best['K']} {spec['metric']} "
                      f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
-    base = baseline(rows, spec)
+    base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     if base is not None:
         gain = f"; best trial {best[spec['metric'] + '_last'] - base:+.2f} points" if best else ""
         lines.append(f"[sweep] random-init kNN top-1 (the encoder before training): {base:.4g}{gain}")
+    if pixels is not None:
+        gain = f"; best trial {best[spec['metric'] + '_last'] - pixels:+.2f} points" if best else ""
+        lines.append(f"[sweep] raw-pixel kNN top-1 (no encoder): {pixels:.4g}{gain}")
     path = Path(path)
     lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "
-                 f"{path / BY_M_FILE}, {path / CURVES_FILE}")
+                 f"{path / BY_M_FILE}, {path / BY_K_FILE}, {path / CURVES_FILE}")
     return "\n".join(lines)

@@ -5,18 +5,20 @@
         --search random --num-samples 12 --workers-per-trial 4 --address auto --storage-path /mnt/runs
     python -m tune.sweep --name NAME --storage-path DIR --resume        # continue an interrupted sweep
     python -m tune.sweep --resume auto --name NAME --tau .. --m ..      # continue it if it exists, else start it
+    python -m tune.sweep --tau 0.2 --m 0.99 --K 256,1024,4096            # the queue size K too
 
 A value list `a,b,c` is a grid (`--search grid`, the default) or a choice (`--search random`);
 `choice:a,b`, `grid:a,b`, `uniform:LO:HI` and `loguniform:LO:HI` name the distribution explicitly.
 Every trial is one Ray Train run of the same per-worker loop as `python -m moco_ray.train`: a Tune
 function trainable is the trial's driver and builds the TorchTrainer with `moco_ray.train.make_trainer`,
-with the base config's T and m replaced. Rank 0's reports that carry a fresh value of the metric reach
+with the base config's T and m (and K with --K) replaced. Rank 0's reports that carry a fresh value of the metric reach
 Tune (kNN top-1 after each kNN epoch, see `knn_every`), so ASHA can stop bad trials; the trial's
 checkpoints are the run's own. Each trial's run lives in STORAGE/NAME/<trial dir>/train (metrics.jsonl,
 checkpoints; `python -m moco_ray.report` reads it).
 
 Results in STORAGE/NAME: results.parquet (one row per trial), best_config.yaml (accepted by
-`python -m moco_ray.train --config`), heatmap.png (the metric over tau x m).
+`python -m moco_ray.train --config`), heatmap.png (the metric over tau x m), by_m.png and by_K.png
+(the metric against m and against K), curves.png.
 """
 import argparse
 import json
@@ -110,6 +112,15 @@ def check_tau(space):
         raise C.ConfigError(f"--tau: the temperature must be > 0, got {bad[0]:g}")
 
 
+def check_K(space):
+    """Queue sizes: a list of whole numbers >= 1 (grid or choice; no ranges)."""
+    if space.kind not in ("grid", "choice"):
+        raise C.ConfigError(f"--K: queue sizes are a list (a,b or choice:a,b), not {space.kind}")
+    bad = [v for v in space.values if not (v >= 1 and float(v).is_integer())]
+    if bad:
+        raise C.ConfigError(f"--K: the queue size must be a whole number >= 1, got {bad[0]:g}")
+
+
 def check_m(space):
     ranged = space.kind in ("uniform", "loguniform")
     for v in space.points():
@@ -123,7 +134,8 @@ def check_m(space):
 # ----------------------------------------------------------------------------------------------------
 
 def trial_dirname(trial_id, config):
-    return f"trial_{trial_id}_T={float(config['T']):g}_m={float(config['m']):g}"
+    queue = f"_K={int(config['K'])}" if "K" in config else ""
+    return f"trial_{trial_id}_T={float(config['T']):g}_m={float(config['m']):g}{queue}"
 
 
 def _trial_dirname_creator(trial):
@@ -131,9 +143,11 @@ def _trial_dirname_creator(trial):
 
 
 def trial_cfg(base, config):
-    """The trial's config: the sweep's base config with T and m replaced."""
-    return C.apply_overrides(C.apply_overrides(C.Config(), base),
-                             {"T": float(config["T"]), "m": float(config["m"])})
+    """The trial's config: the sweep's base config with T and m (and K, when swept) replaced."""
+    swept = {"T": float(config["T"]), "m": float(config["m"])}
+    if "K" in config:
+        swept["K"] = int(config["K"])
+    return C.apply_overrides(C.apply_overrides(C.Config(), base), swept)
 
 
 def trial_driver(config, spec):
@@ -174,6 +188,7 @@ def build_parser():
                    help="override a key of the base config, e.g. --set epochs=4 (repeatable)")
     p.add_argument("--tau", default=None, help="temperatures T: 0.07,0.2 | choice:.. | loguniform:LO:HI")
     p.add_argument("--m", default=None, help="momenta m: 0.99,0.999 | choice:.. | uniform:LO:HI")
+    p.add_argument("--K", default=None, help="queue sizes K: 1024,4096 | choice:.. (default: the config's K)")
     p.add_argument("--search", choices=("grid", "random"), default="grid",
                    help="value lists are a grid (every combination) or a random choice")
     p.add_argument("--num-samples", type=int, default=None,
@@ -234,7 +249,7 @@ def plan(args):
         fresh.update(name=name, experiment_path=str(path))
         return _continue_or_start(path, fresh)
     if args.resume:
-        given = [f for f, v in (("--tau", args.tau), ("--m", args.m), ("--set", args.set)) if v]
+        given = [f for f, v in (("--tau", args.tau), ("--m", args.m), ("--K", args.K), ("--set", args.set)) if v]
         if given:
             raise C.ConfigError(f"--resume continues the stored sweep {name!r}; {', '.join(given)} cannot change")
         spec = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).is_file() else None
@@ -250,8 +265,11 @@ def plan(args):
             raise C.ConfigError(f"{flag} is required, e.g. --tau 0.07,0.2 --m 0.99,0.999")
     tau = parse_space("--tau", args.tau, args.search)
     m = parse_space("--m", args.m, args.search)
+    queue = parse_space("--K", args.K, args.search) if args.K is not None else None
     check_tau(tau)
     check_m(m)
+    if queue is not None:
+        check_K(queue)
     if args.metric not in METRICS:
         raise C.ConfigError(f"--metric {args.metric!r} is unknown; choose one of {', '.join(METRICS)}")
     if args.num_samples is not None and args.num_samples < 1:
@@ -267,8 +285,9 @@ def plan(args):
     C.validate(cfg, train.max_workers(workers))
     for t in tau.points():
         for mm in m.points():
-            if mm < 1:
-                C.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm}), train.max_workers(workers))
+            for k in (queue.points() if queue else [cfg.K]):
+                if mm < 1:
+                    C.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm, "K": k}), train.max_workers(workers))
     if args.grace_period is not None and not 1 <= args.grace_period <= cfg.epochs:
         raise C.ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {args.grace_period}")
     if args.address is None and not _ray_running():
@@ -281,11 +300,11 @@ def plan(args):
     if args.metric == "knn_top1" and not resolved.knn_data:
         raise C.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
-    trials = num_samples * tau.size() * m.size()
+    trials = num_samples * tau.size() * m.size() * (queue.size() if queue else 1)
     return dict(
         name=name, storage_path=str(storage_path), experiment_path=str(path), config=args.config,
-        set=list(args.set), cfg=resolved.to_dict(), user_cfg=cfg.to_dict(), tau=args.tau, m=args.m,
-        tau_space=tau.__dict__, m_space=m.__dict__, search=args.search, num_samples=num_samples, trials=trials,
+        set=list(args.set), cfg=resolved.to_dict(), user_cfg=cfg.to_dict(), tau=args.tau, m=args.m, K=args.K,
+        tau_space=tau.__dict__, m_space=m.__dict__, K_space=queue.__dict__ if queue else None, search=args.search, num_samples=num_samples, trials=trials,
         scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, workers=list(workers) if isinstance(workers, tuple) else workers,
         max_failures=args.max_failures, metric=args.metric, mode=METRICS[args.metric],
@@ -293,7 +312,7 @@ def plan(args):
 
 
 # What a continuation (--resume auto) must share with the sweep it continues.
-SAME_SWEEP = ("config", "set", "tau", "m", "search", "num_samples", "scheduler", "grace_period",
+SAME_SWEEP = ("config", "set", "tau", "m", "K", "search", "num_samples", "scheduler", "grace_period",
               "reduction_factor", "workers", "metric")
 
 
@@ -409,6 +428,8 @@ def build_tuner(spec, max_concurrent):
         return tune.Tuner.restore(spec["experiment_path"], trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     param_space = {"T": Space(**spec["tau_space"]).to_tune(), "m": Space(**spec["m_space"]).to_tune()}
+    if spec.get("K_space"):
+        param_space["K"] = Space(**spec["K_space"]).to_tune()
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -451,7 +472,7 @@ def main(argv=None):
         path.mkdir(parents=True, exist_ok=True)
         (path / SPEC_FILE).write_text(json.dumps({k: v for k, v in spec.items() if k != "resume"}, indent=1))
     print(f"[sweep] {'resuming' if spec['resume'] else 'starting'} {spec['name']} in {spec['storage_path']}: "
-          f"tau {spec['tau']}, m {spec['m']}, {spec['search']} search, {spec['scheduler']} on "
+          f"tau {spec['tau']}, m {spec['m']}, K {spec.get('K') or spec['cfg']['K']}, {spec['search']} search, {spec['scheduler']} on "
           f"{spec['metric']} ({spec['mode']}), {spec['workers']} worker(s) per trial on "
           f"{'GPU' if spec['use_gpu'] else 'CPU'}, up to {max_concurrent} at once, {spec['cfg']['epochs']} "
           f"epochs each", flush=True)
