@@ -13,10 +13,15 @@ Rows: fp32 (TF32 matmuls and convolutions), bf16 autocast, bf16 + channels_last;
 per second) and peak GPU memory, with ratios against fp32. Then the batched v2 augmentations alone
 (colour jitter, grayscale, blur of two 224 px views per image), as image pairs/s against the fastest
 step: they run on the GPU beside the step and must be several times faster so they never bound it.
+Then the checks of the CUDA path that the CPU suite can only test as decisions: host syncs per step
+(target 0), a checkpoint restored onto the GPU through the loop's own restore and the steps after
+it, and one batch's assembly (against a plain copy of its bytes) and its copy to the GPU from
+pinned memory (against pageable).
 """
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_ray import precision  # noqa: E402
+from data_prep import manifest as M  # noqa: E402
+from moco_ray import checkpoint, data, precision, train_state  # noqa: E402
 from moco_ray.augment import augment  # noqa: E402
 from moco_ray.step import MoCo  # noqa: E402
 from moco_ray.syncs import HostSyncs  # noqa: E402
@@ -112,6 +118,90 @@ def syncs_per_step(args, device, steps=5):
     return syncs.count / steps, dict(syncs.ops)
 
 
+def restore_check(args, device, steps=3):
+    """The first steps after a restart: two steps, a checkpoint (checkpoint.save, as the loop's
+    save), a fresh model and optimizer built and moved to the device first, the restore through
+    train_state.restore_moco (the loop's own restore, map_location to the device; it refuses
+    optimizer state left off its parameters' device), then steps. A restore before the move left
+    SGD's momentum buffers on the CPU and the first step raised. Returns (restore seconds,
+    checkpoint MiB, max |parameter difference| after the restore, steps taken after it)."""
+    def built():
+        torch.manual_seed(0)
+        model = MoCo(arch=args.arch, dim=128, K=args.K, m=0.999, T=0.2, mlp=True, bn="split", bn_splits=8,
+                     precision="bf16" if device.type == "cuda" else "fp32").to(device)
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        return model, optimizer, precision.grad_scaler(model.precision, device.type)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, 256, (2, args.batch, 3, args.res, args.res), dtype=torch.uint8, device=device, generator=g)
+
+    def train(model, optimizer, scaler, first, n):
+        for step in range(first, first + n):
+            loss, _ = model(augment(x[0], "v2", g), augment(x[1], "v2", g), step)
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward_and_step(loss, optimizer, scaler)
+        sync(device)
+
+    model, optimizer, scaler = built()
+    train(model, optimizer, scaler, 0, 2)
+    progress = {"step": 2, "epoch": 0, "samples_in_epoch": 2 * args.batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        state = dict(train_state.moco_state(model, optimizer, scaler), progress=progress)
+        checkpoint.save(tmp, 0, 1, state, model.queue.state_dict(), progress)
+        mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
+        fresh, fresh_optimizer, fresh_scaler = built()
+        t0 = time.perf_counter()
+        train_state.restore_moco(tmp, fresh, fresh_optimizer, fresh_scaler, device)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    diff = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+               if a.is_floating_point())
+    train(fresh, fresh_optimizer, fresh_scaler, 2, steps)
+    return seconds, mib, diff, steps
+
+
+def batch_transfer(args, device, shards=16, repeats=10):
+    """Milliseconds (best of `repeats`, one thread as Ray gives a GPU worker) to assemble one batch
+    of two uint8 views from `shards` shards' buffers (data.assemble, pinned for CUDA as the loader
+    decides with data.pinned_for), one plain copy of the same bytes, and the copy of the assembled
+    views to the device with non_blocking=True (asynchronous only from pinned memory) next to the
+    same copy from pageable memory."""
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    size, pin = args.batch, data.pinned_for(device)
+    shard = rng.integers(0, shards, size)
+    pieces = []
+    for s in np.unique(shard):
+        where = np.flatnonzero(shard == s)
+        images = torch.from_numpy(rng.integers(0, 256, (len(where), 2, 3, args.res, args.res), dtype=np.uint8))
+        ids = torch.from_numpy(where).view(-1, 1).int()
+        pieces.append((where, {M.IMAGE: images, M.ID: ids, M.LABEL: ids}))
+    src = torch.randint(0, 256, (size, 2, 3, args.res, args.res), dtype=torch.uint8)
+
+    def to_device(views):
+        out = [v.to(device, non_blocking=True) for v in views]
+        sync(device)
+        return out
+
+    views, _, _ = data.assemble(pieces, size, pin_memory=pin)
+    pageable = [v.clone() for v in views]
+    best = {}
+    for _ in range(repeats):
+        for name, fn in (("assemble", lambda: data.assemble(pieces, size, pin_memory=pin)),
+                         ("plain copy", lambda: torch.empty_like(src).copy_(src)),
+                         ("to device", lambda: to_device(views)),
+                         ("to device (pageable)", lambda: to_device(pageable))):
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    dense = all(v.is_contiguous() and v.is_pinned() == pin for v in views)
+    return {k: 1e3 * v for k, v in best.items()}, dense
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
@@ -148,6 +238,14 @@ def main():
           f"{aug / best:.1f}x the fastest step (target >= 5x)")
     per_step, ops = syncs_per_step(args, device)
     print(f"{'host syncs per step':<24}{per_step:>10.1f}   (augment x2 + bf16 step + SGD; target 0) {ops or ''}")
+    seconds, mib, diff, steps = restore_check(args, device)
+    print(f"{'restore on the device':<24}{seconds:>10.2f} s   ({mib:.0f} MiB checkpoint; max |param diff| "
+          f"{diff:.1e}; {steps} steps after it: ok)")
+    ms, dense = batch_transfer(args, device)
+    print(f"{'batch assembly':<24}{ms['assemble']:>10.2f} ms  {ms['assemble'] / ms['plain copy']:.2f}x one plain "
+          f"copy of the bytes (target <= 1.5x); dense and {'pinned' if data.pinned_for(device) else 'pageable'}: {dense}")
+    print(f"{'copy to the device':<24}{ms['to device']:>10.2f} ms  non_blocking from pinned; "
+          f"{ms['to device (pageable)'] / ms['to device']:.2f}x that from pageable memory")
     print(f"ray imported: {'ray' in sys.modules}, ffcv imported: {'ffcv' in sys.modules}")
 
 
