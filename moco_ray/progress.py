@@ -179,7 +179,8 @@ class ProgressCallback(ray.train.UserCallback):
             self.run_log.remember_run.remote(run_context.run_id)
         if checkpoint is None or not metrics:
             return
-        m = dict(metrics[0], time=time.time(), checkpoint=checkpoint.path)
+        where = storage.location_of(getattr(checkpoint, "filesystem", None), checkpoint.path)
+        m = dict(metrics[0], time=time.time(), checkpoint=str(where))   # a URI on an object store
         try:  # waited for, so that the end record is written when fit() returns
             ray.get(self.run_log.record.remote(m), timeout=self.timeout_s)
         except Exception as e:
