@@ -209,3 +209,45 @@ def test_sample_log_on_s3_is_durable_at_flush(prefix):
     log.write(0, 1, torch.tensor([3, 4]))
     log.close()
     assert sorted(consumed_per_epoch(prefix)[0]) == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def ray_with_s3(s3, _ray_shutdown_at_end):
+    """A local Ray started after the S3 environment is set, so that its workers inherit it (as a
+    cluster's workers get credentials from their own environment)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_train_on_s3_resumes_and_reports(ray_with_s3, prefix, digits, tmp_path):
+    """A short pretraining run whose storage is s3://, continued by `--resume auto`: checkpoints,
+    the metrics parts, the config record and the sample log live on the bucket."""
+    from conftest import tiny_run_args
+    from moco_ray.progress import read_metrics
+    from moco_ray.sample_log import consumed_per_epoch
+    from moco_ray.train import main
+
+    runs, samples = f"{prefix}/runs", f"{prefix}/samples"
+    args = lambda steps, *extra: tiny_run_args(digits, runs, "r", "--resume", "auto", "--set", f"max_steps={steps}",
+                                               "--set", "checkpoint_every_steps=2", "--set", f"sample_log={samples}",
+                                               "--set", "knn_every=0", *extra)
+    assert main(args(4)) == 0
+    assert checkpoint.verify(checkpoint.newest_valid(f"{runs}/r"))["step"] == 4
+    assert main(args(6, "--allow-change", "max_steps")) == 0
+
+    rows = read_metrics(f"{runs}/r")
+    starts = [r for r in rows if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, 4]
+    assert starts[1]["resumed_from"].startswith(f"{runs}/r/checkpoint_000000004")
+    assert rows[-1]["event"] == "end" and rows[-1]["step"] == 6 and rows[-1]["checkpoint"].startswith("s3://")
+    assert checkpoint.verify(checkpoint.newest_valid(f"{runs}/r"))["step"] == 6
+    assert rundir.recorded_config(f"{runs}/r")["max_steps"] == 6
+    ids = consumed_per_epoch(samples)[0]
+    assert len(ids) == 6 * 64 and len(set(ids)) == len(ids)   # 6 steps of B=64, none twice
+    assert report.main([f"{runs}/r"]) == 0 and (storage.at(runs) / "r" / "report" / "summary.md").is_file()
+    assert export.main([f"{runs}/r", "--out", str(tmp_path / "e.pt")]) == 0
