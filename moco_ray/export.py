@@ -19,12 +19,13 @@ checkpoint). load_backbone() reads any of these back (and the torchvision/moco f
 import argparse
 import pickle
 import re
+import io
 import sys
-from pathlib import Path
 
 import torch
 
-from moco_ray import checkpoint
+from moco_ray import checkpoint, storage
+from moco_ray.config import ConfigError
 
 FORMATS = ("torchvision", "moco", "detectron2")
 MOCO_PREFIX = "module.encoder_q."
@@ -38,9 +39,17 @@ class ExportError(ValueError):
 # Reading a pretraining checkpoint
 # ----------------------------------------------------------------------------------------------------
 
+def location(path):
+    """The storage.Location of a path or URI (moco_ray.storage); ExportError when none can be built."""
+    try:
+        return storage.at(path, "checkpoint")
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+
+
 def find_checkpoint(path):
-    """A checkpoint directory, or the newest valid checkpoint of a run directory."""
-    path = Path(path).expanduser()
+    """A checkpoint directory, or the newest valid checkpoint of a run directory (a path or URI)."""
+    path = location(path)
     if not path.exists():
         raise ExportError(f"{path}: no such checkpoint or run directory")
     if (path / checkpoint.MANIFEST).exists() or not checkpoint.in_run(path):
@@ -58,7 +67,8 @@ def read_checkpoint(path):
         checkpoint.verify(path)
     except checkpoint.CheckpointError as e:
         raise ExportError(str(e)) from None
-    state = torch.load(path / checkpoint.STATE, map_location="cpu", weights_only=False)
+    with (path / checkpoint.STATE).open_input() as f:
+        state = torch.load(f, map_location="cpu", weights_only=False)
     if "encoder_q" not in state:
         raise ExportError(f"{path}: not a pretraining checkpoint (no encoder_q)")
     return state["encoder_q"], state["config"], state.get("progress", {}).get("epoch", 0)
@@ -113,15 +123,14 @@ def layout(fmt, encoder, cfg, epoch):
 
 
 def write(path, fmt, encoder, cfg, epoch):
-    """Write the export; returns the number of tensors in it."""
+    """Write the export to a path or URI (one atomic write); returns the number of tensors in it."""
     obj, tensors = layout(fmt, encoder, cfg, epoch)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     if fmt == "detectron2":   # detectron2's checkpointer reads a .pkl with pickle, not torch.load
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
+        pickle.dump(obj, buffer)
     else:
-        torch.save(obj, path)
+        torch.save(obj, buffer)
+    location(path).write_bytes(buffer.getvalue())
     return len(tensors)
 
 
@@ -141,12 +150,13 @@ def load_backbone(path):
     """(torchvision backbone state_dict, arch, small_stem) from a pretraining checkpoint or run
     directory, a `torchvision` export, or a `moco` export (the authors' key handling: keep
     module.encoder_q.* except the head, strip the prefix)."""
-    path = Path(path).expanduser()
-    if path.is_dir() or not path.exists():
+    path = location(path)
+    if not path.is_file():
         backbone, cfg = backbone_state_dict(path)
         return backbone, cfg["arch"], bool(cfg.get("small_stem"))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open_input() as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ExportError(f"{path}: not a torchvision or moco export ({type(e).__name__})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -21,7 +21,6 @@ both top-1s are printed at the end.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -225,8 +224,7 @@ def random_init_export(path, pretrained, seed):
     _, arch, small_stem = export.load_backbone(pretrained)
     torch.manual_seed(seed)
     encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(export.strip_head(encoder.state_dict()), path)
+    export.write(path, "torchvision", encoder.state_dict(), {}, 0)   # a path or URI
 
 
 def baseline_run(args, cfg, storage_path, name):

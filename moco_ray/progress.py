@@ -1,6 +1,8 @@
 """Bookkeeping and live progress of a run.
 
-- RunLog is the one writer of RUN_DIR/metrics.jsonl (what `moco_ray.report` reads): a Ray actor on
+- RunLog is the one writer of RUN_DIR's metrics record (metrics.jsonl on a local disk; rolling parts
+  metrics.jsonl, metrics-00001.jsonl, ... on an object store, each visible at most 5 s after its
+  record: moco_ray.record_parts), what `moco_ray.report` reads: a Ray actor on
   the driver's node that takes records from two sources and prints one line per start, restart and
   resize. Rank 0 sends its start record and a step record every `report_every` steps through a
   Publisher, which never waits (at most MAX_IN_FLIGHT records in flight, the rest dropped and
@@ -9,37 +11,31 @@
   with the checkpoint's path. With --log-to, the RunLog hands every record to the run's trackers
   (moco_ray.trackers), each on its own thread, never waited for.
 - watch(run_dir, fit_fn) runs on the driver: it calls fit_fn() (trainer.fit) in the calling thread
-  and, meanwhile, tails RUN_DIR/metrics.jsonl from a daemon thread and shows the progress: a tqdm bar
+  and, meanwhile, tails RUN_DIR's metrics parts from a daemon thread and shows the progress: a tqdm bar
   when stdout is a terminal, one line per report when it is not (`ray job logs`, CI).
 """
 import io
-import json
 import math
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 import ray
 import ray.train
 
-METRICS_FILE = "metrics.jsonl"
+from moco_ray import storage
+from moco_ray.record_parts import PartTail, PartWriter, read_records
+
+METRICS_STEM = "metrics"   # RUN_DIR/metrics.jsonl (+ metrics-00001.jsonl, ... on an object store)
+METRICS_FILE = METRICS_STEM + ".jsonl"
 PREFIX = "[moco_ray]"
 
 
 def read_metrics(run_dir):
-    """Every record of RUN_DIR/metrics.jsonl, in the order written (a torn last line is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
-    records = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-    return records
+    """Every record of RUN_DIR's metrics parts (a path or URI), in the order written (a torn last
+    line is skipped); [] before the first."""
+    return read_records(run_dir, METRICS_STEM)
 
 
 def is_step_report(m):
@@ -103,7 +99,10 @@ class RunLog:
     def __init__(self, run_dir, print_reports=False, trackers=()):
         from moco_ray.trackers import TrackerThread
 
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.at(run_dir)
+        self.writer = PartWriter(self.run_dir, METRICS_STEM)
+        if self.writer.flush_s:
+            self.writer.start_timer()
         self.print_reports = print_reports
         self.world_size = None
         self.max_step = 0
@@ -120,9 +119,8 @@ class RunLog:
         m = dict(m)
         m.setdefault("time", time.time())
         m.setdefault("checkpoint", None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(m, default=str) + "\n")
+        # start, checkpoint and end records are written at once (fit() returns after the end's)
+        self.writer.write(m, flush=m["checkpoint"] is not None or m.get("event") in ("start", "end"))
         line = None
         if m.get("event") == "start":
             line = start_line(m, self.world_size, self.max_step)
@@ -201,7 +199,8 @@ class ProgressCallback(ray.train.UserCallback):
             self.run_log.remember_run.remote(run_context.run_id)
         if checkpoint is None or not metrics:
             return
-        m = dict(metrics[0], time=time.time(), checkpoint=checkpoint.path)
+        where = storage.location_of(getattr(checkpoint, "filesystem", None), checkpoint.path)
+        m = dict(metrics[0], time=time.time(), checkpoint=str(where))   # a URI on an object store
         try:  # waited for, so that the end record is written when fit() returns
             ray.get(self.run_log.record.remote(m), timeout=self.timeout_s)
         except Exception as e:
@@ -217,40 +216,6 @@ def _eta(segment_start, m):
     if done <= 0:
         return None
     return (m["time"] - t0) / done * (m["total_steps"] - m["step"])
-
-
-class _Tail:
-    """New complete lines of a JSONL file that another process appends to."""
-
-    def __init__(self, path, from_end=True):
-        self.path = Path(path)
-        self.offset = 0
-        if from_end and self.path.exists():
-            self.offset = self.path.stat().st_size
-
-    def read(self):
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size < self.offset:  # truncated or replaced
-            self.offset = 0
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(size - self.offset)
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
-        records = []
-        for line in data[:end].splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-        return records
 
 
 def _columns(file):
@@ -326,9 +291,9 @@ def watch(run_dir, fit_fn, file=None, tty=None, poll_s=1.0):
     """Call fit_fn() and show the run's progress while it runs; returns what fit_fn returns.
 
     fit_fn runs in the calling thread (TorchTrainer.fit installs its Ctrl-C handler only in the main
-    thread); a daemon thread tails RUN_DIR/metrics.jsonl from its current end (so a --resume shows only
+    thread); a daemon thread tails RUN_DIR's metrics parts from their current end (so a --resume shows only
     the new reports), and the records left when fit_fn returns or raises are shown before returning."""
-    tail = _Tail(Path(run_dir) / METRICS_FILE)
+    tail = PartTail(run_dir, METRICS_STEM)
     view = LiveView(file, tty)
     stop = threading.Event()
 

@@ -1,7 +1,8 @@
 """python -m moco_ray.report RUN_DIR: the run report, from the metrics a run stored.
 
-RUN_DIR is STORAGE_PATH/NAME of a run (where its checkpoints and metrics.jsonl are). Writes
-RUN_DIR/report/ (or --out):
+RUN_DIR is STORAGE_PATH/NAME of a run (where its checkpoints and metrics.jsonl are), a local path or
+a URI (s3://bucket/runs/NAME: moco_ray.storage). Writes RUN_DIR/report/ (or --out; on a URI the
+files are made in a local temporary directory and uploaded):
     metrics.parquet   one row per report (rank 0's metrics, the controller's time, the segment)
     loss_lr.png       loss and lr vs step
     knn_top1.png      kNN top-1 vs epoch (the random-init encoder at epoch 0)
@@ -17,9 +18,12 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from moco_ray import storage
+from moco_ray.config import ConfigError
 from moco_ray.progress import METRICS_FILE, read_metrics
 
 PLOTS = {
@@ -47,13 +51,22 @@ class ReportError(Exception):
 # Reading
 # ----------------------------------------------------------------------------------------------------
 
+def location(path, what="run directory"):
+    """The storage.Location of a path or URI; ReportError when no filesystem can be built for it."""
+    try:
+        return storage.at(path, what)
+    except ConfigError as e:
+        raise ReportError(str(e)) from None
+
+
 def load_records(run_dir):
-    run_dir = Path(run_dir).expanduser()
+    run_dir = location(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{METRICS_FILE}"))
+        runs = sorted(name for name, info in run_dir.children()
+                      if info.type == storage.pafs.FileType.Directory and (run_dir / name / METRICS_FILE).is_file())
         hint = (f"; runs in it: {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}" if runs else
                 " (expected STORAGE_PATH/NAME of a run)")
         raise ReportError(f"no metrics in {run_dir}: {METRICS_FILE} not found{hint}")
@@ -72,11 +85,18 @@ def find_config(run_dir, records):
     for m in reversed(records):
         if isinstance(m.get("config"), dict):
             return m["config"]
-    for state in sorted(Path(run_dir).glob("checkpoint_*/state.pt"), reverse=True):
+    from moco_ray import checkpoint
+
+    for ckpt in checkpoint.in_run(run_dir):
+        state = ckpt / checkpoint.STATE
         try:
             import torch
 
-            cfg = torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("config")
+            if state.is_local:   # mmap: only the config's bytes are read
+                cfg = torch.load(state.path, map_location="cpu", weights_only=False, mmap=True).get("config")
+            else:
+                with state.open_input() as f:
+                    cfg = torch.load(f, map_location="cpu", weights_only=False).get("config")
             if isinstance(cfg, dict):
                 return cfg
         except Exception:  # a partial or corrupt checkpoint: try the previous one
@@ -372,10 +392,22 @@ def summary(name, run_dir, df, c, events, knn, config, lincls=None, plots=PLOTS)
 # ----------------------------------------------------------------------------------------------------
 
 def write_report(run_dir, out=None):
-    """Write the report of the run in run_dir; returns the report directory. ReportError on bad input."""
-    run_dir = Path(run_dir).expanduser().resolve()
+    """Write the report of the run in run_dir (a path or URI); returns the report directory: a Path
+    when it is local, else its storage.Location (the files uploaded there). ReportError on bad input."""
+    run_dir = location(run_dir)
     records = load_records(run_dir)
-    out = Path(out) if out else run_dir / "report"
+    dest = location(out, "--out") if out else run_dir / "report"
+    if dest.is_local:
+        write_files(run_dir, records, Path(dest.path))
+        return Path(dest.path)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_files(run_dir, records, Path(tmp))
+        dest.upload(tmp)
+    return dest
+
+
+def write_files(run_dir, records, out):
+    """The report's files in the local directory `out`."""
     out.mkdir(parents=True, exist_ok=True)
     name = run_dir.name
     df = frame(records)
@@ -392,7 +424,6 @@ def write_report(run_dir, out=None):
     plot_throughput(c, world_sizes(df), events, out / "throughput.png", name)
     plot_data_wait(c, events, out / "data_wait.png", name)
     (out / "summary.md").write_text(summary(name, run_dir, df, c, events, knn, config, lincls, plots))
-    return out
 
 
 def main(argv=None):
@@ -406,7 +437,7 @@ def main(argv=None):
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[moco_ray] report: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    print(f"[moco_ray] report: {out} ({', '.join(storage.at(out).listdir())})")
     return 0
 
 

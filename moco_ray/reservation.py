@@ -13,30 +13,31 @@ of a recorded run whose job is dead (`release_stale`). Ray has no public API for
 calls used here are Ray 2.60's (pinned), and a failure only costs the wait above.
 """
 import json
-from pathlib import Path
 
 import ray
+
+from moco_ray import storage
 
 FILE = "ray_train_run.json"
 COORDINATOR = "AutoscalingCoordinator"   # the actor's name and its namespace
 
 
 def remember(run_dir, run_id, job_id):
-    path = Path(run_dir) / FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "job_id": job_id}))
+    """Records the run id with its driver's job in RUN_DIR (a path or URI): one small write."""
+    (storage.at(run_dir) / FILE).write_text(json.dumps({"run_id": run_id, "job_id": job_id}))
 
 
 def release_stale(run_dir, timeout_s=10.0):
     """Cancels the reservation of the run recorded in run_dir if its driver's job is dead.
     Returns the requester id cancelled, or None."""
-    path = Path(run_dir) / FILE
-    if not path.exists():
+    path = storage.at(run_dir) / FILE
+    try:
+        seen = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    seen = json.loads(path.read_text())
     if job_alive(seen["job_id"]):
         return None
-    path.unlink()
+    path.delete()
     try:
         coordinator = ray.get_actor(COORDINATOR, namespace=COORDINATOR)
     except ValueError:   # no elastic run has started on this cluster

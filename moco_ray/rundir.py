@@ -7,13 +7,15 @@
 A run directory records the config it runs with (RUN_DIR/run_config.json); a continuation with a
 different config is refused, naming the keys that differ, unless --allow-change names them (for
 example more epochs). The CLIs that keep runs (moco_ray.train, moco_ray.lincls) share this.
+
+STORAGE is a local path or a URI (moco_ray.storage); on an object store a run "exists" when any
+object has its prefix, and the record is one PUT.
 """
 import json
 import logging
-import os
 import time
-from pathlib import Path
 
+from moco_ray import storage
 from moco_ray.config import ConfigError
 
 log = logging.getLogger("moco_ray")
@@ -39,7 +41,7 @@ def allowed_changes(values):
 
 def resolve(storage_path, name, resume, default_name, what="run"):
     """(name, continuing) for --name/--resume; ConfigError when the combination cannot work."""
-    storage_path = Path(storage_path)
+    storage_path = storage.at(storage_path)
     if resume == "auto":
         if not name:
             raise ConfigError("--resume auto needs --name: the run to continue or to start")
@@ -53,11 +55,20 @@ def resolve(storage_path, name, resume, default_name, what="run"):
             raise ConfigError(f"--resume: no {what} {name!r} in {storage_path}")
         return name, bool(resume)
     if resume:
-        runs = sorted((p for p in storage_path.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        runs = sorted((_started(storage_path / name, info), name) for name, info in storage_path.children()
+                      if info.type == storage.pafs.FileType.Directory)
         if not runs:
             raise ConfigError(f"--resume: no {what}s in {storage_path}")
-        return runs[-1].name, True
+        return runs[-1][1], True
     return default_name or time.strftime("run-%Y%m%d-%H%M%S"), False
+
+
+def _started(run_dir, info):
+    """When the run last started (its recorded config's time; an object store's prefix has none),
+    else the directory's time, else 0 (seconds since the epoch)."""
+    config = (run_dir / CONFIG_FILE).info()
+    when = config.mtime if config.type == storage.pafs.FileType.File else info.mtime
+    return when.timestamp() if when is not None else 0.0
 
 
 def plain(config):
@@ -66,7 +77,7 @@ def plain(config):
 
 
 def recorded_config(run_dir):
-    path = Path(run_dir) / CONFIG_FILE
+    path = storage.at(run_dir) / CONFIG_FILE
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -90,30 +101,30 @@ def check_config(run_dir, config, allowed=()):
                     if k not in allowed and config.get(k) != recorded.get(k))
     if differ:
         changes = ", ".join(f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in differ)
-        raise ConfigError(f"run {Path(run_dir).name!r} runs with another config: {changes}; pass "
+        raise ConfigError(f"run {storage.at(run_dir).name!r} runs with another config: {changes}; pass "
                           f"--allow-change {','.join(differ)} if that is intended")
 
 
 def record_config(run_dir, config):
     """Record the config the run runs with (atomically: a kill leaves the old record or the new)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(plain(config), indent=1, sort_keys=True))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    run_dir = storage.at(run_dir)
+    run_dir.makedirs()
+    (run_dir / CONFIG_FILE).write_text(json.dumps(plain(config), indent=1, sort_keys=True))
 
 
 def set_aside_torn_ray_snapshot(run_dir):
     """Ray Train rewrites its checkpoint list in place; a driver killed in the middle leaves it torn,
     and Ray would then refuse the run. The checkpoints are found without it (moco_ray.checkpoint
     scans the run directory), so a torn one is moved aside. Returns whether it was."""
-    path = Path(run_dir) / RAY_SNAPSHOT
+    path = storage.at(run_dir) / RAY_SNAPSHOT
     try:
-        json.loads(path.read_text())
+        data = path.read_bytes()
+        json.loads(data)
         return False
     except FileNotFoundError:
         return False
-    except ValueError:
-        os.replace(path, path.with_name(path.name + ".torn"))
+    except ValueError:   # no rename on an object store: copy, then delete
+        (path.parent / (path.name + ".torn")).write_bytes(data)
+        path.delete()
         log.warning("%s was torn (a killed driver); moved aside", path)
         return True

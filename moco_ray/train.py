@@ -5,6 +5,7 @@ moco_ray.worker.train_func.
     python -m moco_ray.train --config moco-v2 --num-workers 4:16 --set data=/data/in1k/train
     ray job submit --working-dir . -- python -m moco_ray.train --config moco-v2 ...
     python -m moco_ray.train --config moco-v2 ... --name RUN --resume auto   # continue RUN, or start it
+    python -m moco_ray.train --config moco-v2 ... --storage-path s3://bucket/runs   # any pyarrow URI
 """
 import argparse
 import os
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from moco_ray import config as C, rundir
+from moco_ray import config as C, rundir, storage
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,8 +58,10 @@ def add_run_arguments(p, presets):
     p.add_argument("--resize-interval-s", type=float, default=60.0,
                    help="with MIN:MAX, how often Ray checks whether the group can grow")
     p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
-    p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
-                   help="where runs, checkpoints and metrics are stored (shared storage on a cluster)")
+    p.add_argument("--storage-path", default="~/moco_ray_runs",
+                   help="where runs, checkpoints and metrics are stored: a local path, or on a cluster a "
+                        "URI of any pyarrow filesystem (s3://bucket/runs, gs://..., abfs://...) or a "
+                        "path every node mounts")
     p.add_argument("--name", default=None, help="run name (default: CONFIG-TIMESTAMP)")
     p.add_argument("--log-to", default=None, metavar="tensorboard,mlflow,wandb",
                    help="trackers that get the run's records (config key log_to; default none)")
@@ -110,15 +113,17 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
     from moco_ray.progress import ProgressCallback, start_run_log
     from moco_ray.worker import train_func
 
-    release_reservation(Path(storage_path) / name)
-    run_log = start_run_log(Path(storage_path) / name,
-                            trackers=trackers.build(cfg.log_to, Path(storage_path) / name, cfg.mlflow_uri))
+    storage_path = storage.at(storage_path)
+    release_reservation(storage_path / name)
+    run_log = start_run_log(storage_path / name,
+                            trackers=trackers.build(cfg.log_to, storage_path / name, cfg.mlflow_uri))
+    path, filesystem = storage.ray_storage(storage_path)
 
     scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                       resources_per_worker=None if use_gpu else {"CPU": 1},
                                       elastic_resize_monitor_interval_s=resize_interval_s)
     run = ray.train.RunConfig(
-        name=name, storage_path=str(storage_path),
+        name=name, storage_path=path, storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         callbacks=[*callbacks, ProgressCallback(run_log)],
@@ -126,7 +131,7 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
         # session's log files; the console gets our lines (the RunLog's) and warnings
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
-    config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(Path(storage_path) / name)}
+    config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(storage_path / name)}
     return TorchTrainer(loop or train_func, train_loop_config=config,
                         scaling_config=scaling, run_config=run)
 
@@ -154,7 +159,10 @@ def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=
     cfg = C.load(args.config, [*args.set, *log_to, *overrides], kind)
     workers = parse_workers(args.num_workers)
     C.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
-    storage_path = Path(args.storage_path).expanduser().resolve()
+    storage_path = storage.at(args.storage_path)   # ConfigError for a URI without a filesystem
+    if cfg.log_to and not storage_path.is_local:
+        raise C.ConfigError(f"--log-to writes its trackers' files in the run directory, which must be local for "
+                            f"now; {args.storage_path!r} is a URI")
     name = run_dir_name(args, storage_path, cfg, prefix)
     return cfg, resolve_data(cfg, splits), workers, storage_path, name
 
@@ -170,6 +178,9 @@ def connect(args):
     if not ray.is_initialized():
         # "local": never join a cluster that `ray start` left behind (or that died)
         ray.init(address=address or "local")
+    warning = storage.multi_node_warning(args.storage_path, sum(1 for n in ray.nodes() if n.get("Alive")))
+    if warning:
+        print(f"[moco_ray] {warning}", file=sys.stderr, flush=True)
     use_gpu = {"true": True, "false": False}.get(args.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -25,11 +25,10 @@ import math
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from moco_ray import checkpoint, config as C, precision, train_state
+from moco_ray import checkpoint, config as C, precision, storage, train_state
 from moco_ray.records import LazyRecord, due
 from moco_ray.sample_log import SampleLog
 
@@ -213,7 +212,8 @@ class Loop:
             latest = _ray_train().get_checkpoint()
             if latest is None:
                 return None
-            path, where = checkpoint.find_valid(latest.path), Path(latest.path).parent
+            latest = storage.location_of(latest.filesystem, latest.path)
+            path, where = checkpoint.find_valid(latest), latest.parent
         if path is None:
             if checkpoint.in_run(where):
                 print(f"[moco_ray] no valid checkpoint under {where}: starting fresh")
@@ -357,6 +357,8 @@ class Loop:
         state = {**self.state_dict(), "progress": dict(p), "config": self.cfg.to_dict(), "seed": self.cfg.seed,
                  "world_size": self.W}
         ray_train = _ray_train()
+        if self.sample_log:   # the audit holds every step this checkpoint covers
+            self.sample_log.flush()
         with tempfile.TemporaryDirectory() as tmp:
             seconds = checkpoint.save(tmp, self.rank, self.W, state, self.queue_state(), meta)
             ray_train.report(dict(metrics, checkpoint_save_s=seconds),

@@ -3,9 +3,10 @@ the metric against m, and each trial's curve over epochs. kNN top-1 is shown nex
 the same kNN on the randomly initialised encoder and on the raw pixels (each trial measures both
 before its first step)."""
 import math
+import tempfile
 from pathlib import Path
 
-from moco_ray import config as C
+from moco_ray import config as C, storage
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
@@ -93,9 +94,18 @@ def best_row(rows, spec):
 
 
 def write(path, spec, rows):
+    """The table and plots into the sweep's directory, a path or URI (made locally and uploaded)."""
+    dest = storage.at(path)
+    if dest.is_local:
+        return write_files(Path(dest.path), spec, rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_files(Path(tmp), spec, rows)
+        dest.upload(tmp)
+
+
+def write_files(path, spec, rows):
     import pandas as pd
 
-    path = Path(path)
     pd.DataFrame(rows).to_parquet(path / RESULTS_FILE, index=False)
     best = best_row(rows, spec)
     if best is not None:
@@ -270,7 +280,7 @@ def summary(path, spec, rows, wall):
     if pixels is not None:
         gain = f"; best trial {best[spec['metric'] + '_last'] - pixels:+.2f} points" if best else ""
         lines.append(f"[sweep] raw-pixel kNN top-1 (no encoder): {pixels:.4g}{gain}")
-    path = Path(path)
+    path = storage.at(path)
     lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "
                  f"{path / BY_M_FILE}, {path / BY_K_FILE}, {path / CURVES_FILE}")
     return "\n".join(lines)

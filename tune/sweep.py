@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moco_ray import config as C
+from moco_ray import config as C, storage
 
 # Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
 METRICS = {"knn_top1": "max", "loss": "min", "accuracy": "max"}
@@ -160,7 +160,7 @@ def trial_driver(config, spec):
     cfg = trial_cfg(spec["cfg"], config)
     workers = tuple(spec["workers"]) if isinstance(spec["workers"], list) else spec["workers"]
     C.validate(cfg, train.max_workers(workers))
-    trial_dir = Path(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), config)
+    trial_dir = storage.at(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), config)
     # Same storage path and name when Tuner.restore restarts the trial: Ray Train then resumes the run
     # from its latest checkpoint.
     trainer = train.make_trainer(
@@ -228,11 +228,11 @@ def _sweep_name(args, storage_path):
             raise C.ConfigError(f"--resume: no sweep {args.name!r} in {storage_path}")
         return args.name
     if args.resume:
-        sweeps = sorted((p for p in storage_path.glob("*") if (p / SPEC_FILE).is_file()),
-                        key=lambda p: p.stat().st_mtime)
+        specs = [(name, (storage_path / name / SPEC_FILE).info()) for name in storage_path.listdir()]
+        sweeps = sorted((info.mtime.timestamp(), name) for name, info in specs if info.is_file)
         if not sweeps:
             raise C.ConfigError(f"--resume: no sweeps in {storage_path}")
-        return sweeps[-1].name
+        return sweeps[-1][1]
     stem = args.config if args.config in C.PRESETS else Path(args.config).stem
     return f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -241,7 +241,7 @@ def plan(args):
     """Everything that can be checked before Ray starts. Returns the sweep spec; ConfigError if bad."""
     from moco_ray import train
 
-    storage_path = Path(args.storage_path).expanduser().resolve()
+    storage_path = storage.at(args.storage_path)   # a path or URI; ConfigError without a filesystem
     name = _sweep_name(args, storage_path)
     path = storage_path / name
     if args.resume == "auto":
@@ -466,10 +466,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     max_concurrent = args.max_concurrent or spec.get("max_concurrent") or fits
-    path = Path(spec["experiment_path"])
+    path = storage.at(spec["experiment_path"])
     spec.setdefault("started_ms", int(time.time() * 1000))
     if not spec["resume"]:
-        path.mkdir(parents=True, exist_ok=True)
         (path / SPEC_FILE).write_text(json.dumps({k: v for k, v in spec.items() if k != "resume"}, indent=1))
     print(f"[sweep] {'resuming' if spec['resume'] else 'starting'} {spec['name']} in {spec['storage_path']}: "
           f"tau {spec['tau']}, m {spec['m']}, K {spec.get('K') or spec['cfg']['K']}, {spec['search']} search, {spec['scheduler']} on "
