@@ -88,12 +88,15 @@ def recorded_config(run_dir):
 
 
 def check_config(run_dir, config, allowed=()):
-    """ConfigError naming the keys in which `config` differs from the one the run recorded (the keys
-    in `allowed` may differ). A run without a record (started by an older version) is not checked."""
+    """ConfigError naming the keys in which `config` (a dict) differs from the one the run recorded
+    (the keys in `allowed` may differ). A run without a record (started by an older version) is not
+    checked, nor a key the record lacks: the run started before the key existed, so no value of it
+    was recorded to keep."""
     recorded = recorded_config(run_dir)
     if recorded is None:
         return
     config = plain(config)
+    config = {k: v for k, v in config.items() if k in recorded or k in allowed}
     unknown = set(allowed) - set(config)
     if unknown:
         raise ConfigError(f"--allow-change: unknown config key(s) {', '.join(sorted(unknown))}")
