@@ -343,11 +343,13 @@ def main():
               f"(RandomResizedCrop + flip + normalise; no colour augmentation)")
         tv = max(rates["torchvision"])
         for name, r in rates.items():
-            ratio = f"{max(r) / tv:5.2f}x torchvision (median {statistics.median(r) / statistics.median(rates['torchvision']):.2f}x)"
+            median = statistics.median(r) / statistics.median(rates["torchvision"])
+            ratio = f"{max(r) / tv:5.2f}x torchvision (median {median:.2f}x)"
             print(f"  {name:12s} {max(r):7.1f} images/s  {'' if name == 'torchvision' else ratio}"
                   f"  (epochs: {', '.join(f'{x:.1f}' for x in r)})")
 
-        print("one sample, one thread (ms): decode | crop + resize (2 views) | rest of the reader | copies (training thread)")
+        print("one sample, one thread (ms): decode | crop + resize (2 views) | rest of the reader | "
+              "copies (training thread)")
         for name, out in outs.items():
             parts = breakdown(out, args, min(reader_seconds(out, args) for _ in range(2)))
             total = sum(parts.values())

@@ -77,9 +77,7 @@ def step_rate(args, device, mode, channels_last):
     t0 = time.perf_counter()
     run(args.steps, args.warmup)
     seconds = time.perf_counter() - t0
-    rate, peak = args.batch * args.steps / seconds, peak_bytes(device)
-    del model, optimizer, im_q, im_k
-    return rate, peak
+    return args.batch * args.steps / seconds, peak_bytes(device)   # the model is freed on return
 
 
 def augment_rate(args, device):
@@ -243,7 +241,8 @@ def main():
           f"{diff:.1e}; {steps} steps after it: ok)")
     ms, dense = batch_transfer(args, device)
     print(f"{'batch assembly':<24}{ms['assemble']:>10.2f} ms  {ms['assemble'] / ms['plain copy']:.2f}x one plain "
-          f"copy of the bytes (target <= 1.5x); dense and {'pinned' if data.pinned_for(device) else 'pageable'}: {dense}")
+          f"copy of the bytes (target <= 1.5x); dense and "
+          f"{'pinned' if data.pinned_for(device) else 'pageable'}: {dense}")
     print(f"{'copy to the device':<24}{ms['to device']:>10.2f} ms  non_blocking from pinned; "
           f"{ms['to device (pageable)'] / ms['to device']:.2f}x that from pageable memory")
     print(f"ray imported: {'ray' in sys.modules}, ffcv imported: {'ffcv' in sys.modules}")

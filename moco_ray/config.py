@@ -6,7 +6,7 @@ the per-worker loop, the sweep and the checkpoint all read the same object.
 """
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -30,7 +30,8 @@ class RunOptions:
     keep_checkpoints: int = 3
     metrics_port: int = 9400      # worker serves on metrics_port + local_rank; 0 = off
     sample_log: str = ""          # directory where workers log the sample ids they consume (audit)
-    log_to: str = ""              # trackers that get the run's records: any of tensorboard,mlflow,wandb (moco_ray.trackers)
+    log_to: str = ""              # trackers that get the run's records: any of tensorboard,mlflow,wandb
+    #                               (moco_ray.trackers)
     mlflow_uri: str = ""          # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///STORAGE/mlflow.db
 
     def to_dict(self):
@@ -86,14 +87,14 @@ class Config(RunOptions):
     knn_k: int = 200
     knn_t: float = 0.1
     knn_chunk: int = 256          # kNN queries scored per round (memory: knn_chunk x bank/W similarities)
-    knn_bank_per_class: int = 100 # kNN bank: a fixed seeded subset of at most this many train samples per class; 0 = all
+    knn_bank_per_class: int = 100  # kNN bank: a fixed seeded subset of at most this many images per class; 0 = all
 
 
 @dataclass
 class LinclsConfig(RunOptions):
     """Linear classification on frozen features (the paper's protocol, the authors' main_lincls.py).
     The defaults are the paper's ImageNet protocol."""
-    pretrained: str = ""          # pretraining checkpoint dir, run dir (its newest valid checkpoint), or a torchvision/moco export
+    pretrained: str = ""          # pretraining checkpoint dir, run dir (its newest valid checkpoint), or an export
     data: str = ""                # labelled training split; "" = the embedded dataset (data_prep.demo)
     val_data: str = ""            # labelled validation split; "" = the embedded dataset's val split
     res: int = 224                # crop size (validation: resize to res / 0.875, center crop)

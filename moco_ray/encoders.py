@@ -3,7 +3,7 @@
 arch names:
     resnet18, resnet50, resnext50_32x4d, wide_resnet50_2, ...   every torchvision ResNet
     vit_b_16, vit_l_16, ...                                       torchvision's ViTs
-    vit_small, vit_base                                           moco-v3's ViT-S/16 (12 heads) and ViT-B/16, built by timm
+    vit_small, vit_base                                  moco-v3's ViT-S/16 (12 heads) and ViT-B/16, built by timm
     timm:NAME                                                     any timm model, e.g. timm:convnext_tiny
 Weights always start random: nothing is ever downloaded.
 

@@ -22,7 +22,8 @@ class Metric:
     unit: str
     help: str
     name: str       # Prometheus family name (a counter's sample is exposed as NAME_total)
-    optional: bool = False  # exported only once a worker reports it (GPU memory on GPU workers, linear top-1 in moco_ray.lincls)
+    # exported only once a worker reports it (GPU memory on GPU workers, linear top-1 in moco_ray.lincls)
+    optional: bool = False
 
     @property
     def samples(self):
@@ -84,7 +85,8 @@ LABELS = ("run", "rank", "node")
 
 # Progress and bookkeeping fields that every report carries besides the metrics above.
 PROGRESS_KEYS = ("event", "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
-                 "knn_init_top1", "knn_pixels_top1", "resumed_from", "checkpoint_save_s", "train_s", "lincls_best_epoch",
+                 "knn_init_top1", "knn_pixels_top1", "resumed_from", "checkpoint_save_s", "train_s",
+                 "lincls_best_epoch",
                  "sanity_checked_epochs", "error")
 
 

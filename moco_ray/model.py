@@ -105,7 +105,8 @@ class MomentumUpdate:
     two kernels per parameter tensor (about 320 launches a step for a ResNet-50 with its MLP head).
 
     The lists of Parameter objects are built once. Module.to() and load_state_dict() keep those
-    objects (they replace or copy into their data), so the lists stay valid; DDP wraps encoder_q without replacing its parameters.
+    objects (they replace or copy into their data), so the lists stay valid; DDP wraps encoder_q without
+    replacing its parameters.
     Buffers (BN running statistics) are not averaged, as in the authors' code: the key encoder's BN
     layers keep their own running statistics, updated by its forward passes in train mode."""
 

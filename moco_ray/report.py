@@ -290,7 +290,8 @@ def plot_lincls(points, path, name):
 
 def plot_throughput(c, world, events, path, name):
     plt, fig, ax = _figure(f"{name}: throughput and world size")
-    ax.plot(c["step"], c["images_per_s"], color="tab:purple", marker=".", label="images/s (global, mean since the (re)start)")
+    ax.plot(c["step"], c["images_per_s"], color="tab:purple", marker=".",
+            label="images/s (global, mean since the (re)start)")
     ax.set_xlabel("step")
     ax.set_ylabel("images/s", color="tab:purple")
     ax.set_ylim(bottom=0)

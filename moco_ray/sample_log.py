@@ -66,7 +66,9 @@ def exactly_once_problems(directory, n, batch, epochs, seed=0):
     from moco_ray.data import epoch_order
 
     consumed = consumed_per_epoch(directory)
-    problems = [f"epochs {sorted(consumed)} instead of 0..{epochs - 1}"] if sorted(consumed) != list(range(epochs)) else []
+    problems = []
+    if sorted(consumed) != list(range(epochs)):
+        problems.append(f"epochs {sorted(consumed)} instead of 0..{epochs - 1}")
     for epoch, ids in sorted(consumed.items()):
         if len(ids) != len(set(ids)):
             problems.append(f"epoch {epoch}: {len(ids) - len(set(ids))} samples consumed twice")

@@ -52,7 +52,8 @@ def add_run_arguments(p, presets):
     p.add_argument("--config", default="demo", help=f"preset ({', '.join(presets)}) or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set T=0.2 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
     p.add_argument("--num-workers", default="2", help="N, or MIN:MAX for elastic training (default 2)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group failures to survive")
     p.add_argument("--resize-interval-s", type=float, default=60.0,

@@ -447,7 +447,8 @@ class Worker(Loop):
     def step_fields(self):
         if self.model.queue is None:
             return {"m": self.model.m}
-        return {"queue_keys": len(self.model.queue), "queue_age_steps": queue_age(self.model.queue, self.progress["step"]),
+        return {"queue_keys": len(self.model.queue),
+                "queue_age_steps": queue_age(self.model.queue, self.progress["step"]),
                 "m": self.model.m}
 
     def measure_due(self, epoch, last_epoch):
@@ -478,6 +479,7 @@ class Worker(Loop):
         if pixels:
             return knn.pixels_top1(bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t, self.device,
                                    chunk=cfg.knn_chunk)
-        with backbone_of(getattr(self.model, "base_encoder", self.encoder_q)) as backbone:  # in fp32: the monitor runs every knn_every epochs
+        # in fp32: the monitor runs every knn_every epochs
+        with backbone_of(getattr(self.model, "base_encoder", self.encoder_q)) as backbone:
             return knn.knn_top1(backbone, bank, query, self.info["num_classes"], cfg.knn_k, cfg.knn_t,
                                 self.device, chunk=cfg.knn_chunk)

@@ -122,7 +122,8 @@ def test_v3_presets_follow_config_md():
     r50, vit_s, vit_b = C.preset("moco-v3-resnet50"), C.preset("moco-v3-vit-small"), C.preset("moco-v3-vit-base")
     assert (r50.method, r50.optimizer, r50.lr, r50.weight_decay, r50.T, r50.m, r50.m_schedule) == \
         ("v3", "lars", 0.6, 1e-6, 1.0, 0.99, "cosine")
-    assert (r50.dim, r50.mlp_dim, r50.batch_size, r50.epochs, r50.warmup_epochs, r50.crop_min) == (256, 4096, 4096, 100, 10, 0.2)
+    assert (r50.dim, r50.mlp_dim, r50.batch_size, r50.epochs, r50.warmup_epochs, r50.crop_min) == \
+        (256, 4096, 4096, 100, 10, 0.2)
     for vit, arch in ((vit_s, "vit_small"), (vit_b, "vit_base")):
         assert (vit.arch, vit.optimizer, vit.lr, vit.weight_decay, vit.T, vit.epochs, vit.warmup_epochs) == \
             (arch, "adamw", 1.5e-4, 0.1, 0.2, 300, 40)

@@ -65,9 +65,10 @@ def test_the_step_path_reads_the_device_once_per_report_every():
         scrape = meter.scrape()
         last = worker.last
         assert last["step"] == STEPS and last["loss"] == losses[-1].item()
-        assert isinstance(last["queue_age_steps"], int) and last["queue_age_steps"] == cfg.K // cfg.batch_size  # keys of the last K/b steps
+        # keys of the last K/b steps
+        assert isinstance(last["queue_age_steps"], int) and last["queue_age_steps"] == cfg.K // cfg.batch_size
         assert 0.0 <= last["accuracy"] <= 1.0
-        assert f'moco_loss{{node="' in scrape and repr(last["loss"])[:8] in scrape
+        assert 'moco_loss{node="' in scrape and repr(last["loss"])[:8] in scrape
         assert 'moco_step_time_seconds_count{' in scrape and f"{float(STEPS)}" in scrape  # every step observed
     finally:
         meter.close()

@@ -1,7 +1,6 @@
 """Shuffled BN: the all_to_all shuffle and its inverse, and split-BN."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 from torch.testing import assert_close

@@ -64,7 +64,8 @@ def _moco_shuffle_step(rank, W, b=4):
         written = model.queue.steps == step
         assert int(written.sum()) == b
         assert_close(model.queue.keys[written],
-                     expected_keys(copy.deepcopy(model.encoder_k), im_k, rank, W, model.seed, step), atol=1e-5, rtol=1e-5)
+                     expected_keys(copy.deepcopy(model.encoder_k), im_k, rank, W, model.seed, step),
+                     atol=1e-5, rtol=1e-5)
 
     # the shards stay different on every rank: DDP broadcast nothing into them
     assert not any(k.startswith("queue") for k in model.state_dict())

@@ -169,7 +169,8 @@ def _v2plus_equivalence(rank, W, bn="split", b=4, K=48, steps=3, m=0.9, T=0.2):
         ref_loss.backward()
         ref_optimizer.step()
         shards = all_gather(model.queue.keys[None]).reshape(K, -1)
-        same_set = torch.cdist(shards, queue, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max().item()
+        distances = torch.cdist(shards, queue, compute_mode="donot_use_mm_for_euclid_dist")
+        same_set = distances.min(dim=1).values.max().item()
         diffs.append(max(abs(global_mean(loss) - ref_loss).item(), same_set,
                          max_diff(model.encoder_q.module.parameters(), ref_q.parameters()),
                          max_diff(model.encoder_k.parameters(), ref_k.parameters())))

@@ -69,7 +69,7 @@ def test_grow_kill_shrink_exactly_once(cluster, digits, tmp_path):
     args += ["--set", f"sample_log={samples}", "--set", "batch_size=32", "--set", "K=256",
              "--set", "res=16", "--set", "epochs=5", "--set", "knn_every=0", "--set", "checkpoint_every_steps=5",
              "--set", "knn_data="]
-    first = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
     fit = ray.remote(num_cpus=0)(main).remote(args)
 
     # (a) grow: one node, then a second joins; the group grows to 2 and resumes from the checkpoint

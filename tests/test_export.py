@@ -108,7 +108,8 @@ def test_detectron2_export_has_the_backbone_under_detectron2_names(tmp_path):
     assert len(model) == len(backbone) and all(isinstance(v, np.ndarray) for v in model.values())
     encoder = torch.load(ckpt / checkpoint.STATE, weights_only=False)["encoder_q"]
     for ours, theirs in [("conv1.weight", "stem.conv1.weight"), ("bn1.running_var", "stem.conv1.norm.running_var"),
-                         ("layer1.0.conv1.weight", "res2.0.conv1.weight"), ("layer1.0.bn3.bias", "res2.0.conv3.norm.bias"),
+                         ("layer1.0.conv1.weight", "res2.0.conv1.weight"),
+                         ("layer1.0.bn3.bias", "res2.0.conv3.norm.bias"),
                          ("layer1.0.downsample.0.weight", "res2.0.shortcut.weight"),
                          ("layer2.0.downsample.1.running_mean", "res3.0.shortcut.norm.running_mean"),
                          ("layer4.2.bn2.weight", "res5.2.conv2.norm.weight")]:

@@ -543,7 +543,8 @@ def test_metrics_ports_match_config_and_podmonitor(objects):
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     cluster = one(objects, "RayCluster")
     assert monitor["spec"]["selector"] == {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}
-    assert set(monitor["spec"]) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "podTargetLabels", "jobLabel"}
+    assert set(monitor["spec"]) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "podTargetLabels",
+                                    "jobLabel"}
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     known = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings", "metricRelabelings"}
     for e in endpoints:

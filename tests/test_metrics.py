@@ -138,7 +138,8 @@ def test_two_workers_are_scraped_while_training(ray_session, tmp_path):
     from moco_ray import train
 
     base = free_ports(2)
-    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2", "checkpoint_every_steps=1000",
+    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
+                                             "checkpoint_every_steps=1000",
                                              f"metrics_port={base}", "knn_every=0"]))
     cfg = C.apply_overrides(cfg, {"knn_data": ""})
     name = "scrape-test"

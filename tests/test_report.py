@@ -188,7 +188,8 @@ def test_report_of_a_short_demo_run(ray_session, tmp_path):
     from moco_ray import config as C
     from moco_ray import train
 
-    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2", "checkpoint_every_steps=1000",
+    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
+                                             "checkpoint_every_steps=1000",
                                              "metrics_port=0"]))
     name = "report-test"
     run = tmp_path / name

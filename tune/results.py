@@ -269,7 +269,8 @@ def table(rows, spec):
 
 def summary(path, spec, rows, wall):
     best = best_row(rows, spec)
-    lines = [f"\n[sweep] {spec['name']}: {len(rows)} of {spec.get('trials', len(rows))} trials, wall time {wall:.0f} s", table(rows, spec)]
+    head = f"\n[sweep] {spec['name']}: {len(rows)} of {spec.get('trials', len(rows))} trials, wall time {wall:.0f} s"
+    lines = [head, table(rows, spec)]
     if best is not None:
         lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} K={best['K']} {spec['metric']} "
                      f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")

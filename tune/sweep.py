@@ -304,7 +304,8 @@ def plan(args):
     return dict(
         name=name, storage_path=str(storage_path), experiment_path=str(path), config=args.config,
         set=list(args.set), cfg=resolved.to_dict(), user_cfg=cfg.to_dict(), tau=args.tau, m=args.m, K=args.K,
-        tau_space=tau.__dict__, m_space=m.__dict__, K_space=queue.__dict__ if queue else None, search=args.search, num_samples=num_samples, trials=trials,
+        tau_space=tau.__dict__, m_space=m.__dict__, K_space=queue.__dict__ if queue else None, search=args.search,
+        num_samples=num_samples, trials=trials,
         scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, workers=list(workers) if isinstance(workers, tuple) else workers,
         max_failures=args.max_failures, metric=args.metric, mode=METRICS[args.metric],
@@ -453,7 +454,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import ray
 
     from moco_ray import trackers
     from tune import results as R
@@ -471,7 +471,8 @@ def main(argv=None):
     if not spec["resume"]:
         (path / SPEC_FILE).write_text(json.dumps({k: v for k, v in spec.items() if k != "resume"}, indent=1))
     print(f"[sweep] {'resuming' if spec['resume'] else 'starting'} {spec['name']} in {spec['storage_path']}: "
-          f"tau {spec['tau']}, m {spec['m']}, K {spec.get('K') or spec['cfg']['K']}, {spec['search']} search, {spec['scheduler']} on "
+          f"tau {spec['tau']}, m {spec['m']}, K {spec.get('K') or spec['cfg']['K']}, {spec['search']} search, "
+          f"{spec['scheduler']} on "
           f"{spec['metric']} ({spec['mode']}), {spec['workers']} worker(s) per trial on "
           f"{'GPU' if spec['use_gpu'] else 'CPU'}, up to {max_concurrent} at once, {spec['cfg']['epochs']} "
           f"epochs each", flush=True)
