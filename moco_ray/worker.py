@@ -470,7 +470,8 @@ class Worker(Loop):
         cfg = self.cfg
         if not cfg.knn_data:
             return None
-        batch = max(self.b, 64)
+        batch = max(self.b, 64)   # forward only; after a shrink b can exceed what fits: capped like the step
+        batch = min(batch, cfg.max_batch_per_worker or batch)
         bank = data.make_eval_loader(cfg.data, batch_size=batch, rank=self.rank, world_size=self.W,
                                      res=cfg.res, device=self.device, per_class=cfg.knn_bank_per_class,
                                      seed=cfg.seed)
