@@ -1,34 +1,51 @@
-"""python -m moco_ray.export CKPT --out FILE --format torchvision|moco|detectron2
+"""python -m moco_ray.export CKPT --out FILE --format torchvision|moco|detectron2|moco-v3|timm
 
-The query encoder of a pretraining checkpoint, in the layout another ecosystem loads as it is:
+The query encoder of a pretraining checkpoint of any method (v1, v2, v2+, v3: for v3 its base encoder,
+backbone + projector, without the predictor), in the layout another ecosystem loads as it is:
 
-    torchvision  the backbone as a torchvision ResNet state_dict: loads into
-                 torchvision.models.resnet50() (or resnet18) with only fc.weight and fc.bias missing
-    moco         the authors' checkpoint layout, {"state_dict": {"module.encoder_q.<key>": tensor},
+    torchvision  the backbone as a torchvision state_dict: loads into torchvision.models.resnet50()
+                 (or resnet18, ..., or vit_b_16(image_size=res)) with only the head (fc.* for a
+                 ResNet, heads.head.* for a ViT) missing
+    moco         the authors' v1/v2 checkpoint layout, {"state_dict": {"module.encoder_q.<key>": tensor},
                  "arch", "epoch"}, head included as module.encoder_q.fc.*: their main_lincls.py
-                 --pretrained FILE and detection/convert-pretrain-to-detectron2.py read it unchanged
+                 --pretrained FILE and detection/convert-pretrain-to-detectron2.py read it unchanged (ResNets)
     detectron2   the pickle that a detectron2 R50-C4/FPN config loads with MODEL.WEIGHTS:
                  {"model": {name: numpy array}, "__author__": "moco_ray", "matching_heuristics": True},
                  backbone only, under detectron2's ResNet names (stem.conv1, stem.conv1.norm,
-                 res2..res5, convN.norm, shortcut, shortcut.norm)
+                 res2..res5, convN.norm, shortcut, shortcut.norm) (ResNets)
+    moco-v3      the authors' v3 checkpoint layout (their builder.py's names), {"state_dict":
+                 {"module.base_encoder.<key>", "module.momentum_encoder.<key>", "module.predictor.<key>"},
+                 "arch", "epoch", "res", "small_stem"}, the projector as the base encoder's head
+                 (fc.* of a ResNet, head.* of a timm model): their main_lincls.py --pretrained FILE and
+                 convert_to_deit.py read it unchanged (ResNets, vit_small/vit_base and timm models)
+    timm         the backbone as a timm state_dict: loads into timm.create_model(NAME, num_classes=N)
+                 with only the classifier missing (timm:NAME, vit_small, vit_base; a ViT trained at
+                 res != 224 needs img_size=res, and vit_small is moco-v3's, num_heads=12)
 
 CKPT is a checkpoint directory (RUN_DIR/checkpoint_...) or a run directory (its newest valid
-checkpoint). load_backbone() reads any of these back (and the torchvision/moco files): it is what
-`moco_ray.lincls --pretrained` uses.
+checkpoint). load_backbone() reads any of these back (and the torchvision/moco/moco-v3 files): it
+is what `moco_ray.lincls --pretrained` uses.
 """
 import argparse
 import pickle
 import re
 import io
 import sys
+from typing import NamedTuple
 
 import torch
 
-from moco_ray import checkpoint, storage
+from moco_ray import checkpoint, encoders, storage
 from moco_ray.config import ConfigError
 
-FORMATS = ("torchvision", "moco", "detectron2")
+FORMATS = ("torchvision", "moco", "detectron2", "moco-v3", "timm")
 MOCO_PREFIX = "module.encoder_q."
+V3_PREFIX = "module.base_encoder."
+# What each format holds, by the backbone family (moco_ray.encoders.kind)
+FAMILIES = {"torchvision": ("resnet", "vit"), "moco": ("resnet",), "detectron2": ("resnet",),
+            "moco-v3": ("resnet", "timm"), "timm": ("timm",)}
+# The head of moco-v3's base encoder (builder.py) and of the classifier their main_lincls.py builds
+V3_HEAD = {"resnet": "fc", "timm": "head", "vit": "heads.head"}
 
 
 class ExportError(ValueError):
@@ -60,8 +77,8 @@ def find_checkpoint(path):
     return newest
 
 
-def read_checkpoint(path):
-    """(encoder_q state_dict with the head, config dict, epoch) of a pretraining checkpoint."""
+def read_state(path):
+    """The state dict of a pretraining checkpoint (encoder_q, encoder_k, config, progress, ...)."""
     path = find_checkpoint(path)
     try:
         checkpoint.verify(path)
@@ -71,21 +88,52 @@ def read_checkpoint(path):
         state = torch.load(f, map_location="cpu", weights_only=False)
     if "encoder_q" not in state:
         raise ExportError(f"{path}: not a pretraining checkpoint (no encoder_q)")
+    return state
+
+
+def read_checkpoint(path):
+    """(encoder_q state_dict with the head, config dict, epoch) of a pretraining checkpoint."""
+    state = read_state(path)
     return state["encoder_q"], state["config"], state.get("progress", {}).get("epoch", 0)
 
 
 def backbone_state_dict(ckpt_dir):
-    """(torchvision backbone state_dict, config dict) of a pretraining checkpoint."""
+    """(backbone state_dict, config dict) of a pretraining checkpoint of any method: the keys of
+    the backbone's own model (torchvision's or timm's), no head."""
     encoder, cfg, _ = read_checkpoint(ckpt_dir)
-    return strip_head(encoder), cfg
+    return split_head(base_encoder(encoder, cfg), cfg["arch"])[0], cfg
 
 
 def strip_head(state):
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+def base_encoder(encoder, cfg):
+    """encoder_q's backbone with its head as `fc.*`, whatever the method: v3's query encoder keeps
+    it under base.* beside its predictor.* (moco_ray.step_v3.QueryEncoder)."""
+    if cfg.get("method") != "v3":
+        return encoder
+    return {k[len("base."):]: v for k, v in encoder.items() if k.startswith("base.")}
+
+
+def family(arch):
+    try:
+        return encoders.kind(arch)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+def split_head(base, arch):
+    """(backbone, head) state dicts of a base encoder: the head is its `fc`; a torchvision ResNet
+    keeps its own layout, any other backbone is an encoders.Encoder with it under backbone.*."""
+    head = {k[len("fc."):]: v for k, v in base.items() if k.startswith("fc.")}
+    if family(arch) == "resnet":
+        return strip_head(base), head
+    return {k[len("backbone."):]: v for k, v in base.items() if k.startswith("backbone.")}, head
+
+
 # ----------------------------------------------------------------------------------------------------
-# The three layouts
+# The layouts
 # ----------------------------------------------------------------------------------------------------
 
 def to_moco(encoder, arch, epoch):
@@ -108,30 +156,73 @@ def to_detectron2(backbone):
     return {"model": model, "__author__": "moco_ray", "matching_heuristics": True}
 
 
-def layout(fmt, encoder, cfg, epoch):
-    """`encoder` (encoder_q's state_dict, head included) as the object `fmt` stores, and its tensors."""
-    if fmt == "torchvision":
-        obj = strip_head(encoder)
-        return obj, obj
+def to_moco_v3(backbone, head, arch, cfg, epoch, momentum=None, predictor=None):
+    """The authors' v3 layout: their main_moco.py saves the DDP-wrapped builder's state_dict, the
+    projector as the base encoder's head (V3_HEAD). `momentum` (backbone, head) and `predictor`
+    are left out when absent. res and small_stem let load_backbone rebuild the backbone."""
+    name = V3_HEAD[family(arch)]
+    clash = [k for k in backbone if k.startswith(name + ".")]
+    if clash:
+        raise ExportError(f"--format moco-v3: {arch} has backbone parameters under {name}.* ({clash[0]}), "
+                          f"where the authors' layout puts the projector; use --format timm")
+
+    def encoder(prefix, parts):
+        body, top = parts
+        return {**{prefix + k: v for k, v in body.items()}, **{f"{prefix}{name}.{k}": v for k, v in top.items()}}
+
+    state = encoder(V3_PREFIX, (backbone, head))
+    if momentum is not None:
+        state.update(encoder("module.momentum_encoder.", momentum))
+    state.update({"module.predictor." + k: v for k, v in (predictor or {}).items()})
+    return {"state_dict": state, "arch": arch, "epoch": epoch, "res": cfg.get("res", 224),
+            "small_stem": bool(cfg.get("small_stem"))}
+
+
+def check_family(fmt, arch):
+    fam = family(arch)
+    if fam not in FAMILIES[fmt]:
+        hint = {"resnet": "torchvision", "vit": "torchvision", "timm": "timm or moco-v3"}[fam]
+        raise ExportError(f"--format {fmt} cannot hold {arch} (a {fam} backbone); use --format {hint}")
+
+
+def layout(fmt, encoder, cfg, epoch, encoder_k=None):
+    """`encoder` (encoder_q's state_dict, head included; encoder_k's for moco-v3's momentum encoder)
+    as the object `fmt` stores, and its tensors."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    arch = cfg.get("arch", "resnet50")
+    check_family(fmt, arch)
+    base = base_encoder(encoder, cfg)
+    backbone, head = split_head(base, arch)
+    if fmt in ("torchvision", "timm"):
+        return backbone, backbone
     if fmt == "moco":
-        obj = to_moco(encoder, cfg["arch"], epoch)
+        obj = to_moco(base, arch, epoch)
         return obj, obj["state_dict"]
     if fmt == "detectron2":
-        obj = to_detectron2(strip_head(encoder))
+        obj = to_detectron2(backbone)
         return obj, obj["model"]
-    raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    predictor = {k[len("predictor."):]: v for k, v in encoder.items() if k.startswith("predictor.")}
+    momentum = split_head(encoder_k, arch) if encoder_k is not None else None
+    obj = to_moco_v3(backbone, head, arch, cfg, epoch, momentum, predictor if cfg.get("method") == "v3" else None)
+    return obj, obj["state_dict"]
 
 
-def write(path, fmt, encoder, cfg, epoch):
+def write(path, fmt, encoder, cfg, epoch, encoder_k=None):
     """Write the export to a path or URI (one atomic write); returns the number of tensors in it."""
-    obj, tensors = layout(fmt, encoder, cfg, epoch)
+    obj, tensors = layout(fmt, encoder, cfg, epoch, encoder_k)
+    save(path, obj, pickled=fmt == "detectron2")   # detectron2's checkpointer reads a .pkl with pickle
+    return len(tensors)
+
+
+def save(path, obj, pickled=False):
+    """torch.save (or pickle.dump) of obj to a path or URI, in one atomic write."""
     buffer = io.BytesIO()
-    if fmt == "detectron2":   # detectron2's checkpointer reads a .pkl with pickle, not torch.load
+    if pickled:
         pickle.dump(obj, buffer)
     else:
         torch.save(obj, buffer)
     location(path).write_bytes(buffer.getvalue())
-    return len(tensors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,28 +237,48 @@ def infer_arch(backbone):
     return arch, backbone["conv1.weight"].shape[-1] == 3
 
 
-def load_backbone(path):
-    """(torchvision backbone state_dict, arch, small_stem) from a pretraining checkpoint or run
-    directory, a `torchvision` export, or a `moco` export (the authors' key handling: keep
-    module.encoder_q.* except the head, strip the prefix)."""
+class Pretrained(NamedTuple):
+    """A pretrained backbone: its state dict (the keys of its own model, no head) and what rebuilds
+    it with moco_ray.encoders.build_backbone (res: the image size a ViT's position embedding has)."""
+    backbone: dict
+    arch: str
+    small_stem: bool
+    res: int = 224
+
+
+def load_pretrained(path):
+    """The Pretrained of a pretraining checkpoint or run directory (any method and backbone), a
+    `torchvision` or `moco` export of a ResNet, or a `moco-v3` export (the authors' key handling:
+    keep module.encoder_q.* / module.base_encoder.* except the head, strip the prefix)."""
     path = location(path)
     if not path.is_file():
         backbone, cfg = backbone_state_dict(path)
-        return backbone, cfg["arch"], bool(cfg.get("small_stem"))
+        return Pretrained(backbone, cfg["arch"], bool(cfg.get("small_stem")), cfg.get("res", 224))
     try:
         with path.open_input() as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ExportError(f"{path}: not a torchvision or moco export ({type(e).__name__})") from None
+        raise ExportError(f"{path}: not a torchvision, moco or moco-v3 export ({type(e).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "arch" in obj and any(
+            k.startswith(V3_PREFIX) for k in obj["state_dict"]):
+        head = V3_HEAD[family(obj["arch"])] + "."
+        backbone = {k[len(V3_PREFIX):]: v for k, v in obj["state_dict"].items()
+                    if k.startswith(V3_PREFIX) and not k.startswith(V3_PREFIX + head)}
+        return Pretrained(backbone, obj["arch"], bool(obj.get("small_stem")), obj.get("res", 224))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = {k[len(MOCO_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(MOCO_PREFIX)}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ExportError(f"{path}: not a torchvision or moco export")
+        raise ExportError(f"{path}: not a torchvision, moco or moco-v3 export")
     backbone = strip_head(obj)
     try:
-        return (backbone, *infer_arch(backbone))
+        return Pretrained(backbone, *infer_arch(backbone))
     except ExportError as e:
-        raise ExportError(f"{path}: {e}") from None
+        raise ExportError(f"{path}: {e} (other backbones: use the checkpoint or a moco-v3 export)") from None
+
+
+def load_backbone(path):
+    """(backbone state_dict, arch, small_stem) of load_pretrained(path)."""
+    return tuple(load_pretrained(path)[:3])
 
 
 def main(argv=None):
@@ -180,14 +291,26 @@ def main(argv=None):
     try:
         if args.format not in FORMATS:
             raise ExportError(f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
-        encoder, cfg, epoch = read_checkpoint(args.checkpoint)
-        count = write(args.out, args.format, encoder, cfg, epoch)
+        state = read_state(args.checkpoint)
+        cfg, epoch = state["config"], state.get("progress", {}).get("epoch", 0)
+        count = write(args.out, args.format, state["encoder_q"], cfg, epoch, state.get("encoder_k"))
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    note = " (small 3x3 stem: conv1 differs from the stock model)" if cfg.get("small_stem") else ""
-    print(f"wrote {count} tensors of {cfg['arch']} ({args.format}) to {args.out}{note}")
+    print(f"wrote {count} tensors of {cfg['arch']} ({args.format}) to {args.out}{export_note(args.format, cfg)}")
     return 0
+
+
+def export_note(fmt, cfg):
+    """What a user must pass to load the export into the stock model, when anything."""
+    arch, res = cfg["arch"], cfg.get("res", 224)
+    if cfg.get("small_stem"):
+        return " (small 3x3 stem: conv1 differs from the stock model)"
+    if fmt in ("torchvision", "timm") and encoders.is_vit(arch) and res != 224:
+        return f" (a ViT at {res} px: build it with {'image_size' if fmt == 'torchvision' else 'img_size'}={res})"
+    if fmt == "timm" and arch in encoders.MOCO_VITS and encoders.MOCO_VITS[arch][1]:
+        return f" (moco-v3's {arch}: timm.create_model({encoders.MOCO_VITS[arch][0]!r}, num_heads=12))"
+    return ""
 
 
 if __name__ == "__main__":

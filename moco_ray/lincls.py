@@ -15,11 +15,13 @@ the pretrained one (the authors' sanity check); a difference stops the run with 
 retried: a retry would train from the same checkpoint into the same difference).
 
 --pretrained: a pretraining checkpoint directory, a run directory (its newest valid checkpoint), or
-a `torchvision` or `moco` export (moco_ray.export). With random_baseline (preset demo) the same
-protocol then runs on a randomly initialised encoder of the same architecture (run NAME-random), and
-both top-1s are printed at the end.
+a `torchvision`, `moco` or `moco-v3` export (moco_ray.export): any method's backbone, ResNet, ViT
+or timm model (a ViT's features are its class token, as moco-v3's main_lincls.py). With
+random_baseline (preset demo) the same protocol then runs on a randomly initialised encoder of the
+same architecture (run NAME-random), and both top-1s are printed at the end.
 """
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -35,17 +37,37 @@ def lincls_func(config):
                config.get("run_dir")).run()
 
 
-def build_classifier(arch, small_stem, num_classes):
-    """The pretraining's ResNet (moco_ray.model.build_encoder) with a new fc: a linear layer with
-    N(0, 0.01) weights and zero bias, the only parameters that require a gradient."""
+def build_classifier(arch, small_stem, num_classes, res=224):
+    """The pretraining's backbone with a new linear layer `fc` on its pooled features (a ViT's class
+    token, as moco-v3's main_lincls.py): N(0, 0.01) weights and zero bias, the only parameters that
+    require a gradient. A torchvision ResNet is moco_ray.model.build_encoder's (its fc the layer);
+    any other backbone moco_ray.encoders' (res: the size its position embedding was built for)
+    wrapped as encoders.Encoder(backbone, fc)."""
+    from moco_ray import encoders
     from moco_ray.model import build_encoder
 
-    net = build_encoder(arch, num_classes, mlp=False, small_stem=small_stem)
+    if encoders.kind(arch) == "resnet":
+        net = build_encoder(arch, num_classes, mlp=False, small_stem=small_stem)
+    else:
+        backbone, features = encoders.build_backbone(arch, res, small_stem)
+        net = encoders.Encoder(backbone, torch.nn.Linear(features, num_classes))
     net.requires_grad_(False)
     net.fc.requires_grad_(True)
     torch.nn.init.normal_(net.fc.weight, mean=0.0, std=0.01)
     torch.nn.init.zeros_(net.fc.bias)
     return net
+
+
+@contextlib.contextmanager
+def frozen_part(net):
+    """The classifier without its linear layer: its state_dict keys are load_backbone()'s."""
+    from moco_ray.encoders import Encoder
+
+    if isinstance(net, Encoder):
+        yield net.backbone
+    else:
+        with backbone_of(net) as backbone:
+            yield backbone
 
 
 def changed_tensors(backbone, reference):
@@ -73,10 +95,11 @@ class LinearEval(Loop):
 
     def build(self):
         cfg = self.cfg
-        reference, self.arch, small_stem = export.load_backbone(cfg.pretrained)
-        self.net = build_classifier(self.arch, small_stem, self.info["num_classes"])
-        missing, unexpected = self.net.load_state_dict(reference, strict=False)
-        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+        reference, self.arch, small_stem, res = export.load_pretrained(cfg.pretrained)
+        self.net = build_classifier(self.arch, small_stem, self.info["num_classes"], res)
+        with frozen_part(self.net) as backbone:
+            missing, unexpected = backbone.load_state_dict(reference, strict=False)
+        if missing or unexpected:
             raise RuntimeError(f"{cfg.pretrained}: not a {self.arch} backbone "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.optimizer = torch.optim.SGD(self.net.fc.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -148,7 +171,7 @@ class LinearEval(Loop):
         import torch.distributed as dist
 
         reference = export.load_backbone(self.cfg.pretrained)[0]
-        with backbone_of(self.net) as backbone:
+        with frozen_part(self.net) as backbone:
             changed = changed_tensors(backbone, reference)
         everyone = [changed]
         if self.W > 1:
@@ -217,14 +240,29 @@ def build_parser():
 
 
 def random_init_export(path, pretrained, seed):
-    """Write a `torchvision` export of a randomly initialised encoder of the pretrained one's
-    architecture (seeded, initialised as pretraining initialises its encoder) to `path`."""
+    """Write an export of a randomly initialised encoder of the pretrained one's architecture
+    (seeded, initialised as pretraining initialises its encoder) to `path`: `torchvision` for a
+    ResNet, the moco-v3 layout (which names the arch) for any other backbone."""
+    from moco_ray import encoders
     from moco_ray.model import build_encoder
 
-    _, arch, small_stem = export.load_backbone(pretrained)
+    _, arch, small_stem, res = export.load_pretrained(pretrained)
     torch.manual_seed(seed)
-    encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem)
-    export.write(path, "torchvision", encoder.state_dict(), {}, 0)   # a path or URI
+    if encoders.kind(arch) == "resnet":
+        encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem)
+        export.write(path, "torchvision", encoder.state_dict(), {}, 0)   # a path or URI
+        return
+    backbone = encoders.build_backbone(arch, res, small_stem)[0]
+    export.save(path, export.to_moco_v3(backbone.state_dict(), {}, arch, {"res": res, "small_stem": small_stem}, 0))
+
+
+def check_res(pretrained, res):
+    """A ViT's position embedding was built for the pretraining's image size: lincls crops the same."""
+    from moco_ray.encoders import is_vit
+
+    if is_vit(pretrained.arch) and res != pretrained.res:
+        raise C.ConfigError(f"res={res}: the pretrained {pretrained.arch} was trained at {pretrained.res} px; "
+                            f"use --set res={pretrained.res}")
 
 
 def baseline_run(args, cfg, storage_path, name):
@@ -265,7 +303,7 @@ def main(argv=None):
             args, C.LinclsConfig, ("data", "val_data"), pretrained, prefix="lincls-")
         # every worker and every restart reads the same checkpoint, whatever the run directory gets later
         cfg = C.apply_overrides(cfg, {"pretrained": str(export.find_checkpoint(cfg.pretrained))})
-        export.load_backbone(cfg.pretrained)  # readable, before Ray starts
+        check_res(export.load_pretrained(cfg.pretrained), cfg.res)  # readable, before Ray starts
         if cfg.random_baseline:
             b_args, b_cfg, b_name = baseline_run(args, cfg, storage_path, name)
             train.run_dir_name(b_args, storage_path, b_cfg)   # refused now, not after the first run
