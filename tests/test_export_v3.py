@@ -139,3 +139,30 @@ def test_random_baseline_of_a_vit_is_readable_with_its_arch_and_size(tmp_path):
     pretrained, random = export.load_pretrained(ckpt), export.load_pretrained(tmp_path / "random_init.pt")
     assert (random.arch, random.res) == (TIMM_VIT, 32) and random.backbone.keys() == pretrained.backbone.keys()
     assert not torch.equal(random.backbone["blocks.0.attn.qkv.weight"], pretrained.backbone["blocks.0.attn.qkv.weight"])
+
+
+def test_a_timm_convnet_exports_to_timm_but_not_under_the_authors_head(tmp_path, capsys):
+    """convnext's backbone keeps its pre-classifier norm under head.*, where moco-v3's layout puts
+    the projector (and their scripts drop it): refused, the timm format holds it."""
+    import timm
+
+    ckpt, _ = pretrain_checkpoint(tmp_path / "checkpoint_000000000", steps=0, arch="timm:convnext_atto", res=32,
+                                  mlp_dim=64)
+    out = tmp_path / "timm.pt"
+    assert export.main([str(ckpt), "--out", str(out), "--format", "timm"]) == 0
+    result = timm.create_model("convnext_atto", pretrained=False, num_classes=10).load_state_dict(
+        torch.load(out), strict=False)
+    assert set(result.missing_keys) == {"head.fc.weight", "head.fc.bias"} and not result.unexpected_keys
+    capsys.readouterr()
+    assert export.main([str(ckpt), "--out", str(tmp_path / "v3.pt"), "--format", "moco-v3"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone parameters under head.*" in err and err.count("\n") == 1
+
+
+def test_lincls_refuses_a_vit_at_another_size_before_ray():
+    from moco_ray.lincls import check_res
+
+    check_res(export.Pretrained({}, "resnet18", True, 16), 224)   # a ResNet pools any size
+    check_res(export.Pretrained({}, "vit_small", False, 32), 32)
+    with pytest.raises(C.ConfigError, match="trained at 32 px; use --set res=32"):
+        check_res(export.Pretrained({}, "vit_small", False, 32), 224)
