@@ -190,7 +190,7 @@ def layout(fmt, encoder, cfg, epoch, encoder_k=None):
     as the object `fmt` stores, and its tensors."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    arch = cfg.get("arch", "resnet50")
+    arch = cfg["arch"]
     check_family(fmt, arch)
     base = base_encoder(encoder, cfg)
     backbone, head = split_head(base, arch)

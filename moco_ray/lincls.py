@@ -250,7 +250,7 @@ def random_init_export(path, pretrained, seed):
     torch.manual_seed(seed)
     if encoders.kind(arch) == "resnet":
         encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem)
-        export.write(path, "torchvision", encoder.state_dict(), {}, 0)   # a path or URI
+        export.write(path, "torchvision", encoder.state_dict(), {"arch": arch}, 0)   # a path or URI
         return
     backbone = encoders.build_backbone(arch, res, small_stem)[0]
     export.save(path, export.to_moco_v3(backbone.state_dict(), {}, arch, {"res": res, "small_stem": small_stem}, 0))
