@@ -30,7 +30,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # The large pinned dependencies get layers of their own, so a code change rebuilds in seconds.
-RUN pip install torch==2.14.1 torchvision==0.29.1 "ray[default,train,tune]==2.60.0"
+RUN pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 "ray[default,train,tune]==2.60.0"
 RUN pip install ffcv==1.0.2
 
 WORKDIR /opt/moco_ray
