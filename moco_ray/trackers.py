@@ -59,8 +59,9 @@ def check(log_to):
 
 
 def build(log_to, run_dir, mlflow_uri=""):
-    """The Tracker objects for a run (no I/O: they open on their thread, inside the RunLog)."""
-    run_dir = Path(run_dir)
+    """The Tracker objects for a run (no I/O: they open on their thread, inside the RunLog). run_dir:
+    a local path or a local storage.Location (the driver refuses --log-to with a URI)."""
+    run_dir = Path(str(run_dir))
     made = []
     for name in check(log_to):
         if name == "mlflow":
