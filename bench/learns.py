@@ -3,6 +3,7 @@ of the encoder pretrained for a number of steps, in one process without Ray: a f
 choosing the demo's res, crop_min, K, m, T, lr and epochs before running `make demo`.
 
     python bench/learns.py [--set KEY=VALUE ...] [--steps N] [--eval-every N] [--data ROOT]
+                           [--clutter KEY=JSON ... --data ROOT]
 
 One process plays the demo's W workers: the global batch B goes through one MoCo module (split-BN
 over bn_splits * W sub-batches, so each normalises b = B / W / bn_splits images as a demo worker's
@@ -12,6 +13,7 @@ step, images seen, seconds, loss, the three kNN numbers, and the lead of the pre
 over the better baseline.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -46,9 +48,22 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="steps between kNN evaluations")
     p.add_argument("--data", default=None, help="embedded dataset root (default: built on first use)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clutter", action="append", default=[], metavar="KEY=JSON",
+                   help="a scene parameter of the cluttered dataset (data_prep.demo.CLUTTER), e.g. "
+                        "tint=0.05 or 'scale=[0.6,0.95]'; needs --data, so the default cache stays as it is")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from data_prep import demo
     from data_prep.demo import build_demo
+
+    if args.clutter and not args.data:
+        p.error("--clutter needs --data ROOT (a root of its own for the variant)")
+    for item in args.clutter:
+        key, _, value = item.partition("=")
+        if key not in demo.CLUTTER:
+            p.error(f"--clutter: unknown key {key!r}; choose one of {', '.join(demo.CLUTTER)}")
+        value = json.loads(value)
+        demo.CLUTTER[key] = tuple(value) if isinstance(value, list) else value
 
     paths = build_demo(args.data)
     cfg = C.load("demo", [f"data={paths['train']}", f"knn_data={paths['val']}", *args.set])

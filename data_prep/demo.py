@@ -34,6 +34,9 @@ DONE = "demo.json"
 DATASETS = ("cluttered", "digits")
 DEFAULT = "cluttered"
 RENDERINGS = {"train": 4, "val": 2}   # cluttered: scenes drawn per scan of each split
+# cluttered: how each scene is drawn (cluttered_images' keywords); part of the cache key
+CLUTTER = dict(scale=(0.45, 0.9), noise=0.08, degrees=20, shear=0.3, min_luma=0.3, tint=0.15,
+               levels=(0.0, 1.0))
 
 
 def default_demo_root(dataset=DEFAULT):
@@ -62,10 +65,11 @@ def digit_images(ink, size):
     return np.stack([np.repeat((_glyph(x, size) * 255).astype(np.uint8)[..., None], 3, axis=2) for x in ink])
 
 
-def _tinted_greys(n, rng, tint):
-    """n random grey levels, each channel moved by up to +-tint: colours that the colour jitter of
-    MoCo's augmentations (brightness, contrast, saturation, hue, grayscale) can turn into each other."""
-    return (rng.uniform(0, 1, (n, 1)) + rng.uniform(-tint, tint, (n, 3))).clip(0, 1)
+def _tinted_greys(n, rng, tint, levels=(0.0, 1.0)):
+    """n random grey levels in `levels`, each channel moved by up to +-tint: colours that the colour
+    jitter of MoCo's augmentations (brightness, contrast, saturation, hue, grayscale) can turn into
+    each other."""
+    return (rng.uniform(*levels, (n, 1)) + rng.uniform(-tint, tint, (n, 3))).clip(0, 1)
 
 
 def _contrasting(colours, rng, min_luma, tint):
@@ -92,14 +96,14 @@ def _distorted(ink, side, rng, degrees, shear):
 
 
 def cluttered_images(ink, size, rng, scale=(0.45, 0.9), noise=0.08, degrees=20, shear=0.3, min_luma=0.3,
-                     tint=0.15):
+                     tint=0.15, levels=(0.0, 1.0)):
     """One scene per scan: the digit, rotated and sheared, at a random side (scale of the image
     side) and position, in a random ink colour on a random background colour (luma at least
     min_luma apart), with Gaussian pixel noise (std `noise`). Everything is drawn per scene, so
     the renderings of one scan share only their digit."""
     n = len(ink)
     sides = rng.integers(round(scale[0] * size), round(scale[1] * size) + 1, n)
-    background = _tinted_greys(n, rng, tint)
+    background = _tinted_greys(n, rng, tint, levels)
     colour = _contrasting(background, rng, min_luma, tint)
     out = np.empty((n, size, size, 3), np.uint8)
     for i, side in enumerate(sides):
@@ -126,7 +130,7 @@ def split_images(dataset, size, val_fraction, seed):
             splits[split] = digit_images(ink[ix], size), labels[ix]
         else:
             ix = np.repeat(ix, RENDERINGS[split])
-            splits[split] = cluttered_images(ink[ix], size, rng), labels[ix]
+            splits[split] = cluttered_images(ink[ix], size, rng, **CLUTTER), labels[ix]
     return splits
 
 
@@ -144,7 +148,9 @@ def build_demo(root=None, dataset=DEFAULT, size=32, val_fraction=0.2, seed=0, wo
         raise ValueError(f"unknown embedded dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     root = Path(root or default_demo_root(dataset)).expanduser().absolute()
     params = {"dataset": dataset, "size": size, "val_fraction": val_fraction, "seed": seed, "format": M.FORMAT,
-              "renderings": RENDERINGS if dataset == "cluttered" else None}
+              "renderings": RENDERINGS if dataset == "cluttered" else None,
+              "clutter": {k: list(v) if isinstance(v, tuple) else v for k, v in CLUTTER.items()}
+              if dataset == "cluttered" else None}
     paths = {"train": root / "train", "val": root / "val"}
     done = root / DONE
     if done.exists() and json.loads(done.read_text()).get("params") == params and all(
