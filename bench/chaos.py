@@ -248,7 +248,8 @@ def queue_problems(run_dir):
             continue
         checked += 1
         for r in range(manifest["world_size"]):
-            shard = torch.load(path / checkpoint.queue_file(r), map_location="cpu")
+            with (path / checkpoint.queue_file(r)).open_input() as f:   # path: a storage.Location
+                shard = torch.load(f, map_location="cpu")
             if (shard["steps"] < 0).any():
                 bad.append(f"{path.name} shard {r}")
     return checked, bad
