@@ -110,6 +110,13 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
 
 
+def descend(optimizer, loss):
+    """One step of the optimizer on loss."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def _v3_equivalence(rank, W, b=4, steps=3, m=0.9, T=0.5):
     torch.manual_seed(0)
     model = MoCoV3(m=m, T=T, bn="split", bn_splits=1, encoders=tiny_v3_encoders())
@@ -120,13 +127,9 @@ def _v3_equivalence(rank, W, b=4, steps=3, m=0.9, T=0.5):
     for step in range(steps):
         x1, x2 = views(step, W, b)
         loss, stats = model(x1.chunk(W)[rank], x2.chunk(W)[rank], step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        descend(optimizer, loss)
         ref_loss = reference_v3_step(ref_q, ref_k, x1, x2, W, m, T)
-        ref_optimizer.zero_grad()
-        ref_loss.backward()
-        ref_optimizer.step()
+        descend(ref_optimizer, ref_loss)
         diffs.append(max(abs(global_mean(loss) - ref_loss).item(),
                          max_diff(model.encoder_q.module.parameters(), ref_q.parameters()),
                          max_diff(model.encoder_k.parameters(), ref_k.parameters())))
@@ -157,17 +160,13 @@ def _v2plus_equivalence(rank, W, bn="split", b=4, K=48, steps=3, m=0.9, T=0.2):
     for step in range(steps):
         x1, x2 = views(step, W, b)
         loss, _ = model(x1.chunk(W)[rank], x2.chunk(W)[rank], step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        descend(optimizer, loss)
         # shuffle: each view's permutation of the (seed, 2*step + view) stream; split: none that
         # matters (one split per worker: BN over the worker's own images in any order)
         perms = [torch.randperm(W * b, generator=seeded_generator(3, 2 * step + view)) if model.bn == "shuffle"
                  and W > 1 else torch.arange(W * b) for view in (0, 1)]
         ref_loss, queue = reference_v2plus_step(ref_q, ref_k, queue, x1, x2, W, m, T, perms)
-        ref_optimizer.zero_grad()
-        ref_loss.backward()
-        ref_optimizer.step()
+        descend(ref_optimizer, ref_loss)
         shards = all_gather(model.queue.keys[None]).reshape(K, -1)
         distances = torch.cdist(shards, queue, compute_mode="donot_use_mm_for_euclid_dist")
         same_set = distances.min(dim=1).values.max().item()
