@@ -82,7 +82,8 @@ def test_continuing_with_another_config_names_the_keys(digits, tmp_path, capsys)
     assert main(["--storage-path", str(tmp_path), "--name", "run", "--resume", "auto",
                  "--set", "data=" + str(digits["train"]), "--set", "T=0.3", "--set", "epochs=40"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "epochs 30 -> 40" in err and "T 0.1 -> 0.3" in err
+    demo_epochs = C.load("demo", []).epochs
+    assert len(err.splitlines()) == 1 and f"epochs {demo_epochs} -> 40" in err and "T 0.1 -> 0.3" in err
     assert "--allow-change T,epochs" in err
     assert main(["--storage-path", str(tmp_path), "--name", "run", "--resume", "auto", "--allow-change",
                  "nonsense"]) == 2
