@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moco_ray import collectives
+
 CHUNK = 256   # default queries per round (config knn_chunk)
 
 
@@ -43,12 +45,6 @@ def extract(backbone, loader, device):
         dim = backbone(torch.zeros(2, 3, 32, 32, device=device)).shape[1]
         return torch.empty(0, dim, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _gather_columns(t, world):
@@ -87,7 +83,7 @@ def predict(query, bank, bank_labels, num_classes, k=200, t=0.1, chunk=CHUNK):
     """kNN predictions for this rank's `query` rows against the bank sharded over all ranks (this
     rank holds the rows `bank`, labels `bank_labels`). Every rank calls it, with its own queries
     (possibly none) and shard (possibly empty)."""
-    world, rank = _world()
+    rank, world = collectives.world()
     sizes = torch.tensor([[len(query), len(bank)]], device=bank.device)
     sizes = _gather_columns(sizes, world).view(world, 2)
     k = min(k, int(sizes[:, 1].sum()))
@@ -111,7 +107,7 @@ def predict(query, bank, bank_labels, num_classes, k=200, t=0.1, chunk=CHUNK):
 
 def top1(pred, labels):
     """Top-1 accuracy (%) over the queries of all ranks, the same on every rank (NaN if none)."""
-    world, _ = _world()
+    _, world = collectives.world()
     counts = torch.tensor([int((pred == labels).sum()), len(labels)], device=labels.device)
     if world > 1:
         dist.all_reduce(counts)

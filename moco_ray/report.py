@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from moco_ray import storage
+from moco_ray import plotting, storage
 from moco_ray.config import ConfigError
-from moco_ray.progress import METRICS_FILE, read_metrics
+from moco_ray.progress import METRICS_FILE, is_step_report, read_metrics
 
 PLOTS = {
     "loss_lr.png": "Loss and learning rate vs step",
@@ -71,13 +71,9 @@ def load_records(run_dir):
                 " (expected STORAGE_PATH/NAME of a run)")
         raise ReportError(f"no metrics in {run_dir}: {METRICS_FILE} not found{hint}")
     records = read_metrics(run_dir)
-    if not any(_is_step(m) for m in records):
+    if not any(is_step_report(m) for m in records):
         raise ReportError(f"no metrics in {run_dir}: {METRICS_FILE} has no step reports yet")
     return records
-
-
-def _is_step(m):
-    return m.get("event") != "start" and m.get("step") is not None and m.get("total_steps")
 
 
 def find_config(run_dir, records):
@@ -210,18 +206,6 @@ def _ok(v):
 # Plots
 # ----------------------------------------------------------------------------------------------------
 
-def _figure(title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    return plt, fig, ax
-
-
 def _mark_restarts(ax, events):
     for i, (step, kind, world) in enumerate(events):
         ax.axvline(step, color="grey", linestyle="--", linewidth=1,
@@ -230,14 +214,8 @@ def _mark_restarts(ax, events):
                     va="top", ha="right", fontsize=7, color="grey")
 
 
-def _save(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def plot_loss_lr(c, events, path, name):
-    plt, fig, ax = _figure(f"{name}: loss and learning rate")
+    fig, ax = plotting.figure(f"{name}: loss and learning rate")
     ax.plot(c["step"], c["loss"], color="tab:blue", marker=".", label="InfoNCE loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)", color="tab:blue")
@@ -248,12 +226,12 @@ def plot_loss_lr(c, events, path, name):
     _mark_restarts(ax, events)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right", fontsize=8)
-    _save(plt, fig, path)
+    plotting.save(fig, path)
 
 
 def plot_knn(points, path, name, pixels=None):
     """points: (epoch, top-1) of the encoder; pixels: the raw-pixel kNN top-1 (a dashed line)."""
-    plt, fig, ax = _figure(f"{name}: kNN top-1 of the query encoder")
+    fig, ax = plotting.figure(f"{name}: kNN top-1 of the query encoder")
     if _ok(pixels):
         ax.axhline(float(pixels), color="grey", linestyle="--", label=f"raw pixels {float(pixels):.1f}")
         ax.legend(fontsize=8)
@@ -267,11 +245,11 @@ def plot_knn(points, path, name, pixels=None):
         ax.text(0.5, 0.5, "no kNN measurements in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch (0 = random init)")
     ax.set_ylabel("kNN top-1 (%)")
-    _save(plt, fig, path)
+    plotting.save(fig, path)
 
 
 def plot_lincls(points, path, name):
-    plt, fig, ax = _figure(f"{name}: linear classification on frozen features")
+    fig, ax = plotting.figure(f"{name}: linear classification on frozen features")
     if points:
         epochs, top1, top5 = zip(*points)
         ax.plot(epochs, top1, color="tab:green", marker="o", label="top-1")
@@ -285,11 +263,11 @@ def plot_lincls(points, path, name):
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    _save(plt, fig, path)
+    plotting.save(fig, path)
 
 
 def plot_throughput(c, world, events, path, name):
-    plt, fig, ax = _figure(f"{name}: throughput and world size")
+    fig, ax = plotting.figure(f"{name}: throughput and world size")
     ax.plot(c["step"], c["images_per_s"], color="tab:purple", marker=".",
             label="images/s (global, mean since the (re)start)")
     ax.set_xlabel("step")
@@ -304,11 +282,11 @@ def plot_throughput(c, world, events, path, name):
     _mark_restarts(ax, events)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="lower right", fontsize=8)
-    _save(plt, fig, path)
+    plotting.save(fig, path)
 
 
 def plot_data_wait(c, events, path, name):
-    plt, fig, ax = _figure(f"{name}: share of the step spent waiting for data")
+    fig, ax = plotting.figure(f"{name}: share of the step spent waiting for data")
     share = 100 * c["data_wait_share"].clip(0, 1)
     ax.plot(c["step"], share, color="tab:red", marker=".", linestyle="none", alpha=0.6, label="one step")
     if len(c) >= 5:
@@ -318,7 +296,7 @@ def plot_data_wait(c, events, path, name):
     ax.set_ylim(0, 100)
     _mark_restarts(ax, events)
     ax.legend(loc="upper right", fontsize=8)
-    _save(plt, fig, path)
+    plotting.save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from moco_ray import config as C, storage
+from moco_ray import config as C, plotting, storage
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
@@ -119,15 +119,6 @@ def write_files(path, spec, rows):
     return best
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _cell_label(value, base):
     """A heatmap cell: the value, and its distance from the random-init baseline."""
     return f"{value:.3g}" if base is None else f"{value:.3g}\n({value - base:+.1f})"
@@ -139,7 +130,6 @@ def heatmap(rows, spec, out):
     includes the random-init kNN, marked on the colour bar; each cell shows its distance to it."""
     import numpy as np
 
-    plt = _pyplot()
     metric = spec["metric"]
     key = f"{metric}_last"
     base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
@@ -147,7 +137,7 @@ def heatmap(rows, spec, out):
     ms = sorted({r["m"] for r in rows})
     values = [r[key] for r in rows if not math.isnan(r[key])] + [b for b in (base, pixels) if b is not None]
     scale = dict(vmin=min(values), vmax=max(values)) if values else {}
-    fig, ax = plt.subplots(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), dpi=110)
+    fig, ax = plotting.figure(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), grid=False)
     cmap = "viridis" if spec["mode"] == "max" else "viridis_r"
     if len(taus) * len(ms) <= 144:
         grid = np.full((len(ms), len(taus)), np.nan)
@@ -186,9 +176,7 @@ def heatmap(rows, spec, out):
     ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial"
                  + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)")
                  + ("" if pixels is None else f", raw pixels {pixels:.4g} (orange)"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    plotting.save(fig, out)
 
 
 def _baseline_lines(ax, rows, spec):
@@ -213,10 +201,10 @@ def by_K(rows, spec, out):
 def against(rows, spec, out, param, label):
     """The metric (last value; trials that differ in other parameters, and repeats, averaged)
     against `param`, placed by rank, one line per tau."""
-    plt = _pyplot()
     key = f"{spec['metric']}_last"
     ms = sorted({r[param] for r in rows})
-    fig, ax = plt.subplots(figsize=(1.2 * max(len(ms), 4) + 2, 4), dpi=110)
+    fig, ax = plotting.figure(f"{spec['name']}: {spec['metric']} against {param}",
+                              figsize=(1.2 * max(len(ms), 4) + 2, 4), title_size=9)
     for tau in sorted({r["tau"] for r in rows}):
         xs, ys = [], []
         for i, m in enumerate(ms):
@@ -231,18 +219,15 @@ def against(rows, spec, out, param, label):
     ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms])
     ax.set_xlabel(label)
     ax.set_ylabel(f"{spec['metric']} (last)")
-    ax.set_title(f"{spec['name']}: {spec['metric']} against {param}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    plotting.save(fig, out)
 
 
 def curves(rows, spec, out):
     """Each trial's metric over epochs; kNN curves start at epoch 0 with the random-init value."""
-    plt = _pyplot()
     base = baseline(rows, spec)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plotting.figure(f"{spec['name']}: {spec['metric']} of each trial over epochs", figsize=(7, 4.5),
+                              title_size=9)
     for r in rows:
         points = ([[0, r[BASELINE]]] if base is not None and not math.isnan(r[BASELINE]) else []) + list(r["curve"])
         if points:
@@ -251,11 +236,8 @@ def curves(rows, spec, out):
     _baseline_lines(ax, rows, spec)
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec["metric"])
-    ax.set_title(f"{spec['name']}: {spec['metric']} of each trial over epochs", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    plotting.save(fig, out)
 
 
 def table(rows, spec):
