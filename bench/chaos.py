@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moco_ray import checkpoint  # noqa: E402
+from moco_ray.metrics import EVENT, Event  # noqa: E402
 from moco_ray.progress import read_metrics  # noqa: E402
 from moco_ray.sample_log import exactly_once_problems  # noqa: E402
 
@@ -145,7 +146,7 @@ class Chaos:
         def steps_since():
             with open(path, "rb") as f:
                 f.seek(offset)
-                return f.read().count(b'"event": "step"') >= n
+                return f.read().count(json.dumps({EVENT: Event.STEP})[1:-1].encode()) >= n
 
         self.wait_for(f"{n} more steps", steps_since, timeout=900)
 
@@ -214,8 +215,8 @@ class Chaos:
 def rows_of(faults, records, end_time):
     """One row per fault from the run's records: world size before/after, steps redone by the
     (re)starts until the next fault, seconds until the first step after them."""
-    starts = [r for r in records if r.get("event") == "start"]
-    steps = [r for r in records if r.get("event") == "step"]
+    starts = [r for r in records if r.get(EVENT) == Event.START]
+    steps = [r for r in records if r.get(EVENT) == Event.STEP]
     rows = []
     for i, (kind, t, note) in enumerate(faults):
         t_next = faults[i + 1][1] if i + 1 < len(faults) else end_time
@@ -260,7 +261,7 @@ def summarize(rows, records, run_dir, out, epochs, rc):
 
     n = dataset_info(json.loads((run_dir / "run_config.json").read_text())["data"])["n"]
     planned = n // B * epochs
-    end = [r for r in records if r.get("event") == "end"]
+    end = [r for r in records if r.get(EVENT) == Event.END]
     checked, bad_queue = queue_problems(run_dir)
     redone = [r["redone"] for r in rows]
     return dict(

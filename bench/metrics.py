@@ -50,7 +50,7 @@ def micro(n=20000):
                   "data_wait_s": 0.001, "images_per_s": 600.0, "batch_effective": 128, "world_size": 2,
                   "restarts": 0, "queue_keys": 2048, "queue_age_steps": 31, "knn_top1": 40.0,
                   "rss_bytes": 1 << 30, "gpu_memory_bytes": 1 << 30, "accuracy": 0.5, "data_wait_share": 0.01,
-                  "event": "step", "total_steps": 100, "samples_in_epoch": 0, "steps_per_epoch": 10}
+                  M.EVENT: M.Event.STEP, "total_steps": 100, "samples_in_epoch": 0, "steps_per_epoch": 10}
         t0 = time.perf_counter()
         for i in range(n):
             values["images"] = 64 * i

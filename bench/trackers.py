@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moco_ray import config as C, trackers  # noqa: E402
+from moco_ray.metrics import EVENT, Event  # noqa: E402
 from moco_ray.progress import RunLog  # noqa: E402
 
 
@@ -37,8 +38,8 @@ class Hung(trackers.Tracker):
 def burst(n):
     """n records as rank 0 sends them: a start with the config, then step records."""
     config = C.load("demo").to_dict()
-    out = [{"event": "start", "world_size": 2, "step": 0, "total_steps": n, "config": config}]
-    out += [{"event": "step", "step": s, "total_steps": n, "loss": 6.0 - s / n, "lr": 0.1, "world_size": 2,
+    out = [{EVENT: Event.START, "world_size": 2, "step": 0, "total_steps": n, "config": config}]
+    out += [{EVENT: Event.STEP, "step": s, "total_steps": n, "loss": 6.0 - s / n, "lr": 0.1, "world_size": 2,
              "images_per_s": 100.0, "step_time_s": 0.1, "data_wait_s": 0.01, "images": 32 * s}
             for s in range(1, n)]
     return out

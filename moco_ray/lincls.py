@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moco_ray import config as C, export, precision
+from moco_ray.metrics import EVENT, Event
 from moco_ray.worker import Loop, _ray_train, backbone_of
 
 
@@ -216,7 +217,7 @@ class LinearEval(Loop):
             self.measure()
         if self.failure is None:
             return super().end()
-        failed = {"event": "failed", "error": self.failure, "step": self.progress["step"],
+        failed = {EVENT: Event.FAILED, "error": self.failure, "step": self.progress["step"],
                   "epoch": self.progress["epoch"]}
         if self.publisher:
             self.publisher.send(failed)
@@ -314,14 +315,14 @@ def main(argv=None):
         return 2
 
     runs = [(name, *evaluate_encoder(args, user_cfg, cfg, workers, use_gpu, storage_path, name))]
-    if cfg.random_baseline and runs[0][1].get("event") != "failed":
+    if cfg.random_baseline and runs[0][1].get(EVENT) != Event.FAILED:
         random_init_export(b_cfg.pretrained, cfg.pretrained, cfg.seed)
         runs.append((b_name, *evaluate_encoder(b_args, b_cfg, C.for_device(b_cfg, cuda=use_gpu), workers,
                                                use_gpu, storage_path, b_name)))
     print("\n[moco_ray] linear evaluation")
     for run, last, wall in runs:
         print("\n".join(summary_lines(run, last, wall)))
-    failed = [last["error"] for _, last, _ in runs if last.get("event") == "failed"]
+    failed = [last["error"] for _, last, _ in runs if last.get(EVENT) == Event.FAILED]
     for error in failed:
         print(f"error: {error}", file=sys.stderr)
     return 1 if failed else 0

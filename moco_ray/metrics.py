@@ -83,8 +83,21 @@ VOCABULARY = [
 BY_KEY = {m.key: m for m in VOCABULARY}
 LABELS = ("run", "rank", "node")
 
+EVENT = "event"   # the key of a record that says what wrote it: one of the Event values
+
+
+class Event:
+    """The values of a record's EVENT; every writer and reader (progress, report, trackers, the sweep's
+    callbacks and results, the benches) names them from here."""
+    START = "start"      # a worker group began: a fresh start, a restart or a resize (rank 0)
+    STEP = "step"        # rank 0's record every report_every steps
+    EPOCH = "epoch"      # an epoch end that saved a checkpoint
+    END = "end"          # the run finished: the final measurements, with the last checkpoint
+    FAILED = "failed"    # a linear evaluation gave up (moco_ray.lincls): its error
+
+
 # Progress and bookkeeping fields that every report carries besides the metrics above.
-PROGRESS_KEYS = ("event", "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
+PROGRESS_KEYS = (EVENT, "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
                  "knn_init_top1", "knn_pixels_top1", "resumed_from", "checkpoint_save_s", "train_s",
                  "lincls_best_epoch",
                  "sanity_checked_epochs", "error")

@@ -25,6 +25,7 @@ import ray
 import ray.train
 
 from moco_ray import storage
+from moco_ray.metrics import EVENT, Event
 from moco_ray.record_parts import PartTail, PartWriter, read_records
 
 METRICS_STEM = "metrics"   # RUN_DIR/metrics.jsonl (+ metrics-00001.jsonl, ... on an object store)
@@ -39,7 +40,7 @@ def read_metrics(run_dir):
 
 
 def is_step_report(m):
-    return m.get("event") != "start" and m.get("step") is not None and m.get("total_steps")
+    return m.get(EVENT) != Event.START and m.get("step") is not None and m.get("total_steps")
 
 
 def format_eta(seconds):
@@ -120,9 +121,9 @@ class RunLog:
         m.setdefault("time", time.time())
         m.setdefault("checkpoint", None)
         # start, checkpoint and end records are written at once (fit() returns after the end's)
-        self.writer.write(m, flush=m["checkpoint"] is not None or m.get("event") in ("start", "end"))
+        self.writer.write(m, flush=m["checkpoint"] is not None or m.get(EVENT) in (Event.START, Event.END))
         line = None
-        if m.get("event") == "start":
+        if m.get(EVENT) == Event.START:
             line = start_line(m, self.world_size, self.max_step)
             print(line, flush=True)
             self.world_size = m.get("world_size")
@@ -239,7 +240,7 @@ class LiveView:
 
     def feed(self, records):
         for m in records:
-            if m.get("event") == "start":
+            if m.get(EVENT) == Event.START:
                 self._close_bar()
                 self.segment_start = (m.get("time", time.time()), m.get("step", 0))
                 if self.tty and m.get("total_steps"):

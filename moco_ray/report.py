@@ -24,6 +24,7 @@ from pathlib import Path
 
 from moco_ray import plotting, storage
 from moco_ray.config import ConfigError
+from moco_ray.metrics import EVENT, Event
 from moco_ray.progress import METRICS_FILE, is_step_report, read_metrics
 
 PLOTS = {
@@ -106,7 +107,7 @@ def frame(records):
 
     rows, segment = [], -1
     for i, m in enumerate(records):
-        if m.get("event") == "start":
+        if m.get(EVENT) == Event.START:
             segment += 1
         row = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
         row["report"] = i
@@ -124,7 +125,7 @@ def frame(records):
 
 def curves(df):
     """Step reports, one per step (the newest report wins after a restart), in step order."""
-    steps = df[(df.get("event") != "start") & df["step"].notna()]
+    steps = df[(df.get(EVENT) != Event.START) & df["step"].notna()]
     return steps.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
 
@@ -137,7 +138,7 @@ def world_sizes(df):
 def restarts(df):
     """(step, kind, world size) of every restart or resize, in order."""
     out, world = [], None
-    for _, m in df[df["event"] == "start"].iterrows():
+    for _, m in df[df[EVENT] == Event.START].iterrows():
         w = m.get("world_size")
         if world is not None:
             out.append((m.get("step") or 0, "resize" if w != world else "restart", w))
@@ -147,7 +148,7 @@ def restarts(df):
 
 def start_value(df, key):
     """`key` of the run's first start record (a baseline measured before the first step), or None."""
-    starts = df[df["event"] == "start"] if "event" in df else df.iloc[:0]
+    starts = df[df[EVENT] == Event.START] if EVENT in df else df.iloc[:0]
     return starts.iloc[0].get(key) if len(starts) and key in df else None
 
 
@@ -158,20 +159,20 @@ def knn_points(df, knn_every=None):
     two evaluations with the same value are two points; step reports repeat the last value. Without
     knn_every (no config found), a changed value marks an evaluation."""
     points = {}
-    starts = df[df["event"] == "start"]
+    starts = df[df[EVENT] == Event.START]
     if "knn_init_top1" in df and len(starts) and _ok(starts.iloc[0].get("knn_init_top1")):
         points[0.0] = float(starts.iloc[0]["knn_init_top1"])
     if "knn_top1" not in df:
         return sorted(points.items())
     last = None
-    for _, m in df[(df["event"] != "start") & df["step"].notna()].iterrows():
-        v, event = m.get("knn_top1"), m.get("event")
+    for _, m in df[(df[EVENT] != Event.START) & df["step"].notna()].iterrows():
+        v, event = m.get("knn_top1"), m.get(EVENT)
         if not _ok(v):
             continue
         if knn_every is None:
-            fresh = v != last or event == "end"
+            fresh = v != last or event == Event.END
         else:
-            fresh = event == "end" or (event == "epoch" and bool(knn_every) and m["epoch"] % knn_every == 0)
+            fresh = event == Event.END or (event == Event.EPOCH and bool(knn_every) and m["epoch"] % knn_every == 0)
         if fresh:
             spe = m.get("steps_per_epoch")
             epoch = m["step"] / spe if _ok(spe) and spe else float(m.get("epoch") or 0)
@@ -186,12 +187,12 @@ def lincls_points(df, eval_every=None):
     if "lincls_top1" not in df:
         return []
     points, last = {}, None
-    for _, m in df[df["event"].isin(["epoch", "end"]) & df["lincls_top1"].notna()].iterrows():
+    for _, m in df[df[EVENT].isin([Event.EPOCH, Event.END]) & df["lincls_top1"].notna()].iterrows():
         v, epoch = m["lincls_top1"], int(m["epoch"])
         if eval_every is None:
-            fresh = v != last or m["event"] == "end"
+            fresh = v != last or m[EVENT] == Event.END
         else:
-            fresh = m["event"] == "end" or (bool(eval_every) and epoch % eval_every == 0)
+            fresh = m[EVENT] == Event.END or (bool(eval_every) and epoch % eval_every == 0)
         if fresh:
             points[epoch] = (float(v), float(m["lincls_top5"]))
         last = v
@@ -317,7 +318,7 @@ def _lincls_row(points, c):
 
 def summary(name, run_dir, df, c, events, knn, config, lincls=None, plots=PLOTS):
     last = c.iloc[-1]
-    done = last.get("event") == "end"
+    done = last.get(EVENT) == Event.END
     total = last.get("total_steps")
     spe = last.get("steps_per_epoch")
     epochs = f"{last['step'] / spe:.2f}" if _ok(spe) and spe else _fmt(last.get("epoch"), "g")

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from moco_ray.config import ConfigError
-from moco_ray.metrics import BY_KEY
+from moco_ray.metrics import BY_KEY, EVENT, Event
 
 PREFIX = "[moco_ray]"
 MAX_QUEUED = 1024
@@ -189,8 +189,8 @@ class Tracker:
             self.text(step, "events", line)
         if record.get("checkpoint"):
             self.text(step, "checkpoint", str(record["checkpoint"]))
-        if record.get("event") in ("end", "failed"):
-            self.finish(failed=record["event"] == "failed")
+        if record.get(EVENT) in (Event.END, Event.FAILED):
+            self.finish(failed=record[EVENT] == Event.FAILED)
             self.opened = False
         else:
             self.flush()

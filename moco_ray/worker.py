@@ -29,6 +29,7 @@ import time
 import torch
 
 from moco_ray import checkpoint, config as C, precision, storage, train_state
+from moco_ray.metrics import EVENT, Event
 from moco_ray.records import LazyRecord, due
 from moco_ray.sample_log import SampleLog
 
@@ -231,7 +232,7 @@ class Loop:
 
     def start(self):
         p = self.progress
-        start = {"event": "start", "world_size": self.W, "step": p["step"], "epoch": p["epoch"],
+        start = {EVENT: Event.START, "world_size": self.W, "step": p["step"], "epoch": p["epoch"],
                  "resumed_from": self.resumed_from, "batch_effective": self.B,
                  "total_steps": self.total_steps, **self.measures(), "config": self.cfg.to_dict()}
         if self.publisher:  # first, so the driver sees it before this segment's step records
@@ -296,7 +297,7 @@ class Loop:
         report_every=0 Prometheus shows no loss, accuracy or queue age."""
         p = self.progress
         host = {
-            "event": "step", "step": p["step"], "epoch": epoch, "samples_in_epoch": p["samples_in_epoch"],
+            EVENT: Event.STEP, "step": p["step"], "epoch": epoch, "samples_in_epoch": p["samples_in_epoch"],
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "lr": lr, "images": self.images_seen,
             "step_time_s": step_time, "data_wait_s": data_wait,
@@ -333,14 +334,14 @@ class Loop:
             if self.meter:
                 self.meter.update(self.last)
         if not self.finished() and (self.saves.due(p["step"], epoch_end=True) or measured):
-            self.save(dict(self.last, event="epoch"))
+            self.save({**self.last, EVENT: Event.EPOCH})
 
     def end(self):
         p = self.progress
         if self.measured_step != p["step"]:
             self.measure()
-        final = dict(self.last, event="end", epoch=p["epoch"], step=p["step"], **self.measures(),
-                     train_s=time.perf_counter() - self.t_run)
+        final = {**self.last, EVENT: Event.END, "epoch": p["epoch"], "step": p["step"], **self.measures(),
+                 "train_s": time.perf_counter() - self.t_run}
         if self.publisher:
             self.publisher.drain()  # the step records go before the end record
         self.save(final)

@@ -2,6 +2,8 @@
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from moco_ray.metrics import EVENT, Event
+
 
 class FreshMetricCallback(TuneReportCallback):
     """Rank 0's reports that carry a fresh value of the metric, and only those, become Tune results.
@@ -23,9 +25,9 @@ class FreshMetricCallback(TuneReportCallback):
     def fresh(self, m):
         if m.get(self.metric) is None:
             return False
-        if m.get("event") == "end":
+        if m.get(EVENT) == Event.END:
             return True
-        if m.get("event") != "epoch":
+        if m.get(EVENT) != Event.EPOCH:
             return False
         epoch = m.get("epoch") or 0
         if epoch <= self.last_epoch:        # already sent, or redone after a restart of the workers
@@ -35,7 +37,7 @@ class FreshMetricCallback(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics or not self.fresh(metrics[0]):
             return
-        if metrics[0].get("event") == "epoch":
+        if metrics[0].get(EVENT) == Event.EPOCH:
             self.last_epoch = metrics[0]["epoch"]
         super().after_report(run_context, metrics, checkpoint)
 
@@ -59,7 +61,7 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        how = "finished" if last.get("event") == "end" else "stopped early"
+        how = "finished" if last.get(EVENT) == Event.END else "stopped early"
         print(f"[sweep] {self._name(trial)} {how} after {last.get('epoch')} epochs: {self.metric} "
               f"{self._value(last)}", flush=True)
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from moco_ray import config as C, plotting, storage
+from moco_ray.metrics import EVENT, Event
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
@@ -60,7 +61,7 @@ def collect(path, spec):
         curve = _curve(df, metric)
         values = [v for _, v in curve]
         best = (max if mode == "max" else min)(values) if values else math.nan
-        finished = last.get("event") == "end"
+        finished = last.get(EVENT) == Event.END
         rows.append({
             "trial_id": trial.trial_id,
             "tau": float(trial.config["T"]),
