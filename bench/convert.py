@@ -31,7 +31,9 @@ def main():
 
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from moco_ray.train import start_ray
+
+    start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)

@@ -11,7 +11,6 @@ last) / global batch. It also times WorkerMetrics.update() and one scrape alone,
 overhead far below the noise of two short trainings.
 """
 import argparse
-import os
 import socket
 import statistics
 import sys
@@ -104,13 +103,12 @@ def main():
     update_s, scrape_s = micro()
     print(f"WorkerMetrics.update(): {update_s * 1e6:.1f} us per step; one scrape: {scrape_s * 1e3:.2f} ms")
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from moco_ray import train
 
-    ray.init(num_cpus=max(args.workers, 2), num_gpus=args.workers if args.use_gpu else 0,
-             include_dashboard=False, log_to_driver=False)
+    train.start_ray(num_cpus=max(args.workers, 2), num_gpus=args.workers if args.use_gpu else 0,
+                    include_dashboard=False, log_to_driver=False)
     cfg = train.resolve_data(C.load("demo", [f"max_steps={args.steps}", "report_every=10",
                                              "checkpoint_every_steps=100000", "knn_every=0", *args.set]))
     cfg = C.apply_overrides(cfg, {"knn_data": ""})

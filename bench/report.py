@@ -13,7 +13,6 @@ record, the cost of one ray.train.report without a checkpoint (what every step's
 they moved off it): a 2-worker Ray Train loop that only calls report, timed in the workers.
 """
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -64,12 +63,11 @@ def main():
     p.add_argument("--reports", type=int, default=10, help="ray.train.report calls timed")
     args = p.parse_args()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from moco_ray import train
 
-    ray.init(address="local", num_cpus=max(args.workers, 2), include_dashboard=False, log_to_driver=False)
+    train.start_ray(num_cpus=max(args.workers, 2), include_dashboard=False, log_to_driver=False)
     base = train.resolve_data(C.load("demo", [f"max_steps={args.steps}", "checkpoint_every_steps=100000",
                                               "knn_every=0", "metrics_port=0"]))
     base = C.apply_overrides(base, {"knn_data": ""})

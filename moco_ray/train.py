@@ -168,17 +168,30 @@ def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=
     return cfg, resolve_data(cfg, splits), workers, storage_path, name
 
 
+def start_ray(address=None, num_cpus=None, num_gpus=None, **init_kwargs):
+    """Join the Ray cluster at `address`, or, with None, start a Ray of this process's own: address
+    "local", never a cluster that `ray start` left behind (or that died), with token authentication
+    off unless RAY_AUTH_MODE says otherwise (a local Ray that only this machine reaches). num_cpus,
+    num_gpus: the local Ray's resources (a joined cluster has its own); init_kwargs go to ray.init.
+    Nothing happens when this process is already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        resources = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
+        ray.init(address="local", **resources, **init_kwargs)
+    else:
+        ray.init(address=address, **init_kwargs)
+
+
 def connect(args):
     """Join the cluster (--address, or $RAY_ADDRESS under `ray job submit`) or start a local Ray;
     returns whether the run uses GPUs."""
     import ray
 
-    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
-    if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
-        # "local": never join a cluster that `ray start` left behind (or that died)
-        ray.init(address=address or "local")
+    start_ray(args.address or os.environ.get("RAY_ADDRESS"))   # RAY_ADDRESS: set by `ray job submit`
     warning = storage.multi_node_warning(args.storage_path, sum(1 for n in ray.nodes() if n.get("Alive")))
     if warning:
         print(f"[moco_ray] {warning}", file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moco_ray import config as C, storage
+from moco_ray.train import start_ray
 
 # Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
 METRICS = {"knn_top1": "max", "loss": "min", "accuracy": "max"}
@@ -372,21 +373,6 @@ def max_cluster_resources():
     return total
 
 
-def start_ray(spec, address):
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # One logical CPU more than the machine has, for the trial drivers (TRIAL_CPU each, idle while
-        # their TorchTrainer runs), so that a trial can use every core for its workers.
-        # "local": never join a cluster that `ray start` left behind
-        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
-    else:
-        ray.init(address=address, log_to_driver=True)
-
-
 def check_cluster(spec):
     """After connecting, before launching trials: does one trial fit the cluster at all?"""
     total = max_cluster_resources()
@@ -459,7 +445,9 @@ def main(argv=None):
     from tune import results as R
     from tune.cleanup import release_at_end
 
-    start_ray(spec, args.address)
+    # A local Ray gets one logical CPU more than the machine has, for the trial drivers (TRIAL_CPU
+    # each, idle while their TorchTrainer runs), so that a trial can use every core for its workers.
+    start_ray(args.address, num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
     try:
         fits = check_cluster(spec)
     except C.ConfigError as e:
