@@ -31,7 +31,7 @@ def main():
 
     import ray
 
-    from moco_ray.train import start_ray
+    from moco_ray.launch import start_ray
 
     start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address

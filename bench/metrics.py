@@ -66,10 +66,10 @@ def micro(n=20000):
 
 
 def trial(cfg, workers, use_gpu, storage, name, port):
-    from moco_ray import train
+    from moco_ray import launch
 
     cfg = C.apply_overrides(cfg, {"metrics_port": port})
-    trainer = train.make_trainer(cfg, workers, use_gpu, storage, name)
+    trainer = launch.make_trainer(cfg, workers, use_gpu, storage, name)
     stop, scrapes = threading.Event(), [0]
 
     def scraper():
@@ -105,11 +105,11 @@ def main():
 
     import ray
 
-    from moco_ray import train
+    from moco_ray import launch
 
-    train.start_ray(num_cpus=max(args.workers, 2), num_gpus=args.workers if args.use_gpu else 0,
+    launch.start_ray(num_cpus=max(args.workers, 2), num_gpus=args.workers if args.use_gpu else 0,
                     include_dashboard=False, log_to_driver=False)
-    cfg = train.resolve_data(C.load("demo", [f"max_steps={args.steps}", "report_every=10",
+    cfg = launch.resolve_data(C.load("demo", [f"max_steps={args.steps}", "report_every=10",
                                              "checkpoint_every_steps=100000", "knn_every=0", *args.set]))
     cfg = C.apply_overrides(cfg, {"knn_data": ""})
     rates = {"off": [], "on": []}

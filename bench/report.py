@@ -25,9 +25,9 @@ from moco_ray import config as C  # noqa: E402
 
 
 def trial(cfg, workers, storage, name):
-    from moco_ray import train
+    from moco_ray import launch
 
-    m = train.make_trainer(cfg, workers, False, storage, name).fit().metrics
+    m = launch.make_trainer(cfg, workers, False, storage, name).fit().metrics
     return m["step"] / m["train_s"]
 
 
@@ -65,10 +65,10 @@ def main():
 
     import ray
 
-    from moco_ray import train
+    from moco_ray import launch
 
-    train.start_ray(num_cpus=max(args.workers, 2), include_dashboard=False, log_to_driver=False)
-    base = train.resolve_data(C.load("demo", [f"max_steps={args.steps}", "checkpoint_every_steps=100000",
+    launch.start_ray(num_cpus=max(args.workers, 2), include_dashboard=False, log_to_driver=False)
+    base = launch.resolve_data(C.load("demo", [f"max_steps={args.steps}", "checkpoint_every_steps=100000",
                                               "knn_every=0", "metrics_port=0"]))
     base = C.apply_overrides(base, {"knn_data": ""})
     rates = {"off": [], "on": []}

@@ -23,11 +23,12 @@ same architecture (run NAME-random), and both top-1s are printed at the end.
 import argparse
 import contextlib
 import sys
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from moco_ray import config as C, export, precision
+from moco_ray import config as C, export, launch, precision
 from moco_ray.metrics import EVENT, Event
 from moco_ray.worker import Loop, _ray_train, backbone_of
 
@@ -230,13 +231,11 @@ class LinearEval(Loop):
 # ----------------------------------------------------------------------------------------------------
 
 def build_parser():
-    from moco_ray import train
-
     p = argparse.ArgumentParser(prog="python -m moco_ray.lincls", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=None,
                    help="pretraining checkpoint or run directory, or a torchvision/moco export")
-    train.add_run_arguments(p, presets=C.LINCLS_PRESETS)
+    launch.add_run_arguments(p, presets=C.LINCLS_PRESETS)
     return p
 
 
@@ -275,13 +274,13 @@ def baseline_run(args, cfg, storage_path, name):
     return args, random, baseline
 
 
-def evaluate_encoder(args, user_cfg, cfg, workers, use_gpu, storage_path, name):
-    """One linear evaluation: (the run's last record, wall seconds); its error when the run failed."""
-    from moco_ray import train
+def evaluate_encoder(args, run, use_gpu):
+    """One linear evaluation (run: a launch.RunPlan): (the run's last record, wall seconds); its error
+    when the run failed."""
     from moco_ray.progress import read_metrics
 
-    _, wall = train.fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name, loop=lincls_func)
-    return read_metrics(storage_path / name)[-1], wall
+    _, wall = launch.fit(args, run, use_gpu, loop=lincls_func)
+    return read_metrics(run.storage_path / run.name)[-1], wall
 
 
 def summary_lines(name, last, wall):
@@ -295,33 +294,30 @@ def summary_lines(name, last, wall):
 
 
 def main(argv=None):
-    from moco_ray import train
-
     args = build_parser().parse_args(argv)
     try:
         pretrained = [f"pretrained={args.pretrained}"] if args.pretrained else []
-        user_cfg, cfg, workers, storage_path, name = train.plan(
-            args, C.LinclsConfig, ("data", "val_data"), pretrained, prefix="lincls-")
+        run = launch.plan(args, C.LinclsConfig, ("data", "val_data"), pretrained, prefix="lincls-")
         # every worker and every restart reads the same checkpoint, whatever the run directory gets later
-        cfg = C.apply_overrides(cfg, {"pretrained": str(export.find_checkpoint(cfg.pretrained))})
+        cfg = C.apply_overrides(run.cfg, {"pretrained": str(export.find_checkpoint(run.cfg.pretrained))})
         check_res(export.load_pretrained(cfg.pretrained), cfg.res)  # readable, before Ray starts
         if cfg.random_baseline:
-            b_args, b_cfg, b_name = baseline_run(args, cfg, storage_path, name)
-            train.run_dir_name(b_args, storage_path, b_cfg)   # refused now, not after the first run
-        use_gpu = train.connect(args)
+            b_args, b_cfg, b_name = baseline_run(args, cfg, run.storage_path, run.name)
+            launch.run_dir_name(b_args, run.storage_path, b_cfg)   # refused now, not after the first run
+        use_gpu = launch.connect(args)
         cfg = C.for_device(cfg, cuda=use_gpu)
     except (C.ConfigError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    runs = [(name, *evaluate_encoder(args, user_cfg, cfg, workers, use_gpu, storage_path, name))]
+    runs = [(run.name, *evaluate_encoder(args, replace(run, cfg=cfg), use_gpu))]
     if cfg.random_baseline and runs[0][1].get(EVENT) != Event.FAILED:
         random_init_export(b_cfg.pretrained, cfg.pretrained, cfg.seed)
-        runs.append((b_name, *evaluate_encoder(b_args, b_cfg, C.for_device(b_cfg, cuda=use_gpu), workers,
-                                               use_gpu, storage_path, b_name)))
+        baseline = replace(run, user_cfg=b_cfg, cfg=C.for_device(b_cfg, cuda=use_gpu), name=b_name)
+        runs.append((b_name, *evaluate_encoder(b_args, baseline, use_gpu)))
     print("\n[moco_ray] linear evaluation")
-    for run, last, wall in runs:
-        print("\n".join(summary_lines(run, last, wall)))
+    for name, last, wall in runs:
+        print("\n".join(summary_lines(name, last, wall)))
     failed = [last["error"] for _, last, _ in runs if last.get(EVENT) == Event.FAILED]
     for error in failed:
         print(f"error: {error}", file=sys.stderr)

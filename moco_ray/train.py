@@ -1,5 +1,5 @@
-"""python -m moco_ray.train: the CLI and driver. The per-worker loop that Ray Train runs is
-moco_ray.worker.train_func.
+"""python -m moco_ray.train: the pretraining CLI. It parses, then runs moco_ray.launch's plan, connect
+and fit; the per-worker loop that Ray Train runs is moco_ray.worker.train_func.
 
     python -m moco_ray.train                                   # demo: embedded dataset, local Ray, 2 CPU workers
     python -m moco_ray.train --config moco-v2 --num-workers 4:16 --set data=/data/in1k/train
@@ -8,258 +8,41 @@ moco_ray.worker.train_func.
     python -m moco_ray.train --config moco-v2 ... --storage-path s3://bucket/runs   # any pyarrow URI
 """
 import argparse
-import os
 import sys
-import time
-from pathlib import Path
+from dataclasses import replace
 
-from moco_ray import config as C, rundir, storage
-
-
-# ----------------------------------------------------------------------------------------------------
-# The driver
-# ----------------------------------------------------------------------------------------------------
-
-def parse_workers(text):
-    """'N' -> N, 'MIN:MAX' -> (MIN, MAX); ConfigError on nonsense."""
-    try:
-        if ":" in str(text):
-            lo, hi = (int(v) for v in str(text).split(":"))
-        else:
-            lo = hi = int(text)
-    except ValueError:
-        raise C.ConfigError(f"--num-workers expects N or MIN:MAX, got {text!r}") from None
-    if lo < 1:
-        raise C.ConfigError(f"--num-workers: MIN must be >= 1, got {lo}")
-    if lo > hi:
-        raise C.ConfigError(f"--num-workers: MIN ({lo}) is larger than MAX ({hi})")
-    return lo if lo == hi else (lo, hi)
-
-
-def max_workers(workers):
-    return workers[1] if isinstance(workers, tuple) else workers
+from moco_ray import config as C, launch
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m moco_ray.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p, C.PRESETS)
+    launch.add_run_arguments(p, C.PRESETS)
     return p
-
-
-def add_run_arguments(p, presets):
-    """The options of every CLI that runs a TorchTrainer (moco_ray.train, moco_ray.lincls)."""
-    p.add_argument("--config", default="demo", help=f"preset ({', '.join(presets)}) or a YAML file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set T=0.2 (repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
-    p.add_argument("--num-workers", default="2", help="N, or MIN:MAX for elastic training (default 2)")
-    p.add_argument("--max-failures", type=int, default=3, help="worker-group failures to survive")
-    p.add_argument("--resize-interval-s", type=float, default=60.0,
-                   help="with MIN:MAX, how often Ray checks whether the group can grow")
-    p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
-    p.add_argument("--storage-path", default="~/moco_ray_runs",
-                   help="where runs, checkpoints and metrics are stored: a local path, or on a cluster a "
-                        "URI of any pyarrow filesystem (s3://bucket/runs, gs://..., abfs://...) or a "
-                        "path every node mounts")
-    p.add_argument("--name", default=None, help="run name (default: CONFIG-TIMESTAMP)")
-    p.add_argument("--log-to", default=None, metavar="tensorboard,mlflow,wandb",
-                   help="trackers that get the run's records (config key log_to; default none)")
-    rundir.add_arguments(p)
-
-
-def resolve_data(cfg, splits=("data", "knn_data")):
-    """The embedded dataset when no dataset is given (built on first use): its train split for
-    splits[0], its val split for splits[1]; dataset checks."""
-    from moco_ray import data
-
-    if not getattr(cfg, splits[0]):
-        from data_prep.demo import build_demo, default_demo_root
-
-        paths = build_demo(default_demo_root())
-        cfg = C.apply_overrides(cfg, {splits[0]: str(paths["train"]), splits[1]: str(paths["val"])})
-    for key in splits:
-        if getattr(cfg, key):
-            try:
-                data.dataset_info(getattr(cfg, key))
-            except (FileNotFoundError, ValueError) as e:
-                raise C.ConfigError(f"{key}: {e}") from None
-    return cfg
-
-
-def run_dir_name(args, storage_path, cfg, prefix=""):
-    """The run's name (default: PREFIX + CONFIG-TIMESTAMP); a continued run must run with the config
-    it recorded (see moco_ray.rundir)."""
-    stem = args.config if args.config in C.PRESETS else Path(args.config).stem
-    name, continuing = rundir.resolve(storage_path, args.name, args.resume,
-                                      f"{prefix}{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if continuing:
-        from moco_ray import trackers
-
-        allowed = rundir.allowed_changes(args.allow_change) | set(trackers.KEYS)
-        rundir.check_config(storage_path / name, cfg.to_dict(), allowed)
-    return name
-
-
-def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, callbacks=(),
-                 resize_interval_s=60.0, loop=None):
-    """The TorchTrainer for one run, with its RunLog (RUN_DIR/metrics.jsonl, start and resize lines);
-    the sweep builds its trials with this too. loop: the per-worker function (default: pretraining's
-    moco_ray.worker.train_func)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from moco_ray import trackers
-    from moco_ray.progress import ProgressCallback, start_run_log
-    from moco_ray.worker import train_func
-
-    storage_path = storage.at(storage_path)
-    release_reservation(storage_path / name)
-    run_log = start_run_log(storage_path / name,
-                            trackers=trackers.build(cfg.log_to, storage_path / name, cfg.mlflow_uri))
-    path, filesystem = storage.ray_storage(storage_path)
-
-    scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                      resources_per_worker=None if use_gpu else {"CPU": 1},
-                                      elastic_resize_monitor_interval_s=resize_interval_s)
-    run = ray.train.RunConfig(
-        name=name, storage_path=path, storage_filesystem=filesystem,
-        failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        callbacks=[*callbacks, ProgressCallback(run_log)],
-        # Ray Train's own INFO lines (worker-group start, every checkpoint upload) stay in the
-        # session's log files; the console gets our lines (the RunLog's) and warnings
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-    )
-    config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(storage_path / name)}
-    return TorchTrainer(loop or train_func, train_loop_config=config,
-                        scaling_config=scaling, run_config=run)
-
-
-def release_reservation(run_dir):
-    """What a killed driver of this run left reserved, freed now instead of in 180 s (reservation.py)."""
-    from moco_ray.progress import PREFIX
-    from moco_ray.reservation import release_stale
-
-    try:
-        released = release_stale(run_dir)
-    except Exception as e:   # only costs the wait
-        print(f"{PREFIX} could not release the previous driver's reservation: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
-        return
-    if released:
-        print(f"{PREFIX} released the workers' resources still reserved by the previous driver ({released})",
-              flush=True)
-
-
-def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=""):
-    """Everything checked before Ray starts: (config as given, config with the data resolved,
-    workers, storage path, run name). ConfigError on bad input."""
-    log_to = [] if getattr(args, "log_to", None) is None else [f"log_to={args.log_to}"]
-    cfg = C.load(args.config, [*args.set, *log_to, *overrides], kind)
-    workers = parse_workers(args.num_workers)
-    C.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
-    storage_path = storage.at(args.storage_path)   # ConfigError for a URI without a filesystem
-    if cfg.log_to and not storage_path.is_local:
-        raise C.ConfigError(f"--log-to writes its trackers' files in the run directory, which must be local for "
-                            f"now; {args.storage_path!r} is a URI")
-    name = run_dir_name(args, storage_path, cfg, prefix)
-    return cfg, resolve_data(cfg, splits), workers, storage_path, name
-
-
-def start_ray(address=None, num_cpus=None, num_gpus=None, **init_kwargs):
-    """Join the Ray cluster at `address`, or, with None, start a Ray of this process's own: address
-    "local", never a cluster that `ray start` left behind (or that died), with token authentication
-    off unless RAY_AUTH_MODE says otherwise (a local Ray that only this machine reaches). num_cpus,
-    num_gpus: the local Ray's resources (a joined cluster has its own); init_kwargs go to ray.init.
-    Nothing happens when this process is already connected."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        resources = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
-        ray.init(address="local", **resources, **init_kwargs)
-    else:
-        ray.init(address=address, **init_kwargs)
-
-
-def connect(args):
-    """Join the cluster (--address, or $RAY_ADDRESS under `ray job submit`) or start a local Ray;
-    returns whether the run uses GPUs."""
-    import ray
-
-    start_ray(args.address or os.environ.get("RAY_ADDRESS"))   # RAY_ADDRESS: set by `ray job submit`
-    warning = storage.multi_node_warning(args.storage_path, sum(1 for n in ray.nodes() if n.get("Alive")))
-    if warning:
-        print(f"[moco_ray] {warning}", file=sys.stderr, flush=True)
-    use_gpu = {"true": True, "false": False}.get(args.use_gpu)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    return use_gpu
-
-
-def fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name, loop=None):
-    """Record the run's config, then train with live progress; returns (Result, wall seconds)."""
-    from moco_ray.progress import watch
-
-    print(f"[moco_ray] run {name} in {storage_path}, workers {args.num_workers}, "
-          f"{'GPU' if use_gpu else 'CPU'}; config:\n{C.describe(cfg)}", flush=True)
-    rundir.set_aside_torn_ray_snapshot(storage_path / name)
-    rundir.record_config(storage_path / name, user_cfg.to_dict())
-    t0 = time.perf_counter()
-    trainer = make_trainer(cfg, workers, use_gpu, storage_path, name, args.max_failures,
-                           resize_interval_s=args.resize_interval_s, loop=loop)
-    try:
-        result = watch(storage_path / name, trainer.fit)
-    finally:
-        if cfg.log_to:
-            flush_trackers(trainer)
-    return result, time.perf_counter() - t0
-
-
-def flush_trackers(trainer, timeout_s=30.0):
-    """Wait (bounded) until the trackers have every record: the driver's exit ends the RunLog actor."""
-    import ray
-
-    from moco_ray.progress import PREFIX
-
-    try:
-        stats = ray.get(trainer.train_loop_config["run_log"].flush_trackers.remote(timeout_s),
-                        timeout=4 * timeout_s)
-    except Exception as e:
-        print(f"{PREFIX} trackers: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return
-    for name, s in stats.items():
-        if s["dropped"] or s["errors"] or s["queued"]:
-            print(f"{PREFIX} {name}: {s['dropped']} records dropped, {s['errors']} failed, "
-                  f"{s['queued']} undelivered", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        user_cfg, cfg, workers, storage_path, name = plan(args)
+        run = launch.plan(args)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    use_gpu = connect(args)
-    if cfg.bn == "sync" and not use_gpu:
+    use_gpu = launch.connect(args)
+    if run.cfg.bn == "sync" and not use_gpu:
         print("error: bn=sync needs GPUs (torch's SyncBatchNorm); use bn=shuffle on CPU", file=sys.stderr)
         return 2
     try:
-        cfg = C.for_device(cfg, cuda=use_gpu)
+        run = replace(run, cfg=C.for_device(run.cfg, cuda=use_gpu))
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    result, wall = fit(args, user_cfg, cfg, workers, use_gpu, storage_path, name)
+    result, wall = launch.fit(args, run, use_gpu)
     m = result.metrics or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     print("\n[moco_ray] summary")
-    print(f"  epochs          {m.get('epoch')} / {cfg.epochs}")
+    print(f"  epochs          {m.get('epoch')} / {run.cfg.epochs}")
     print(f"  steps           {m.get('step')}")
     print(f"  final loss      {fmt(m.get('loss'))}")
     print(f"  kNN top-1       {fmt(m.get('knn_top1'))} %  (raw pixels: {fmt(m.get('knn_pixels_top1'))} %, "

@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 
 from moco_ray import config as C
-from moco_ray.train import main, parse_workers
+from moco_ray.launch import parse_workers
+from moco_ray.train import main
 
 
 def test_presets_follow_the_papers():

@@ -135,15 +135,15 @@ def test_port_in_use_is_a_warning_and_a_retry_not_a_crash(caplog):
 
 def test_two_workers_are_scraped_while_training(ray_session, tmp_path):
     from moco_ray import config as C
-    from moco_ray import train
+    from moco_ray import launch
 
     base = free_ports(2)
-    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
+    cfg = launch.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
                                              "checkpoint_every_steps=1000",
                                              f"metrics_port={base}", "knn_every=0"]))
     cfg = C.apply_overrides(cfg, {"knn_data": ""})
     name = "scrape-test"
-    trainer = train.make_trainer(cfg, 2, False, tmp_path, name)
+    trainer = launch.make_trainer(cfg, 2, False, tmp_path, name)
     box = {}
 
     def fit():

@@ -186,14 +186,14 @@ def test_watch_draws_a_bar_on_a_tty_and_survives_fit_errors(tmp_path):
 
 def test_report_of_a_short_demo_run(ray_session, tmp_path):
     from moco_ray import config as C
-    from moco_ray import train
+    from moco_ray import launch
 
-    cfg = train.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
+    cfg = launch.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
                                              "checkpoint_every_steps=1000",
                                              "metrics_port=0"]))
     name = "report-test"
     run = tmp_path / name
-    trainer = train.make_trainer(cfg, 2, False, tmp_path, name)
+    trainer = launch.make_trainer(cfg, 2, False, tmp_path, name)
     out = io.StringIO()
     result = progress.watch(run, trainer.fit, file=out, poll_s=0.2)
     assert result.metrics["step"] == 6

@@ -10,7 +10,7 @@
 A value list `a,b,c` is a grid (`--search grid`, the default) or a choice (`--search random`);
 `choice:a,b`, `grid:a,b`, `uniform:LO:HI` and `loguniform:LO:HI` name the distribution explicitly.
 Every trial is one Ray Train run of the same per-worker loop as `python -m moco_ray.train`: a Tune
-function trainable is the trial's driver and builds the TorchTrainer with `moco_ray.train.make_trainer`,
+function trainable is the trial's driver and builds the TorchTrainer with `moco_ray.launch.make_trainer`,
 with the base config's T and m (and K with --K) replaced. Rank 0's reports that carry a fresh value of the metric reach
 Tune (kNN top-1 after each kNN epoch, see `knn_every`), so ASHA can stop bad trials; the trial's
 checkpoints are the run's own. Each trial's run lives in STORAGE/NAME/<trial dir>/train (metrics.jsonl,
@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moco_ray import config as C, storage
-from moco_ray.train import start_ray
+from moco_ray import config as C, launch, storage
+from moco_ray.launch import start_ray
 
 # Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
 METRICS = {"knn_top1": "max", "loss": "min", "accuracy": "max"}
@@ -155,16 +155,15 @@ def trial_driver(config, spec):
     """Runs in the trial's Tune actor; builds and runs the same TorchTrainer as moco_ray.train."""
     import ray.tune
 
-    from moco_ray import train
     from tune.callbacks import FreshMetricCallback
 
     cfg = trial_cfg(spec["cfg"], config)
     workers = tuple(spec["workers"]) if isinstance(spec["workers"], list) else spec["workers"]
-    C.validate(cfg, train.max_workers(workers))
+    C.validate(cfg, launch.max_workers(workers))
     trial_dir = storage.at(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), config)
     # Same storage path and name when Tuner.restore restarts the trial: Ray Train then resumes the run
     # from its latest checkpoint.
-    trainer = train.make_trainer(
+    trainer = launch.make_trainer(
         cfg, workers, spec["use_gpu"], trial_dir, "train", max_failures=spec["max_failures"],
         callbacks=[FreshMetricCallback(spec["metric"], cfg.knn_every)])
     trainer.fit()
@@ -240,8 +239,6 @@ def _sweep_name(args, storage_path):
 
 def plan(args):
     """Everything that can be checked before Ray starts. Returns the sweep spec; ConfigError if bad."""
-    from moco_ray import train
-
     storage_path = storage.at(args.storage_path)   # a path or URI; ConfigError without a filesystem
     name = _sweep_name(args, storage_path)
     path = storage_path / name
@@ -281,23 +278,23 @@ def plan(args):
         raise C.ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
     if not args.reduction_factor > 1:
         raise C.ConfigError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
-    workers = train.parse_workers(args.workers_per_trial)
+    workers = launch.parse_workers(args.workers_per_trial)
     cfg = C.load(args.config, args.set)
-    C.validate(cfg, train.max_workers(workers))
+    C.validate(cfg, launch.max_workers(workers))
     for t in tau.points():
         for mm in m.points():
             for k in (queue.points() if queue else [cfg.K]):
                 if mm < 1:
-                    C.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm, "K": k}), train.max_workers(workers))
+                    C.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm, "K": k}), launch.max_workers(workers))
     if args.grace_period is not None and not 1 <= args.grace_period <= cfg.epochs:
         raise C.ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {args.grace_period}")
     if args.address is None and not _ray_running():
-        need = train.max_workers(workers)
+        need = launch.max_workers(workers)
         cpus = os.cpu_count() or 1
         if args.use_gpu != "true" and need > cpus:
             raise C.ConfigError(f"--workers-per-trial {args.workers_per_trial}: a trial needs {need} CPU "
                                 f"workers, this machine has {cpus} CPUs")
-    resolved = train.resolve_data(cfg)
+    resolved = launch.resolve_data(cfg)
     if args.metric == "knn_top1" and not resolved.knn_data:
         raise C.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
