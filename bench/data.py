@@ -26,7 +26,7 @@ rest near zero can come out negative.
 Batch assembly (also alone: --assembly-only, no conversion): putting a batch of `--batch` two-view
 samples from `--shards` shards back in epoch order on one thread (moco_ray.data.assemble: one
 dense tensor per view, one copy), beside one plain copy of the same bytes (the target: <= 1.5x)
-and beside the index_put into a (B, 2, 3, H, W) buffer that it replaced.
+and beside an index_put into a (B, 2, 3, H, W) buffer (the direct way to gather the samples).
 
 --dct: how far a DCT-scaled decode (1/d) moves a view from the full decode, for each margin (the
 decoder uses 1/d only when both crops are >= margin * d x the output), beside the resize's own
@@ -242,7 +242,7 @@ def region_times(out):
 def assembly_times(args, repeats=20):
     """Milliseconds for one batch on one thread (best of `repeats`): assemble() from the shards'
     parts (views of ffcv-like (chunk, 2, 3, H, W) buffers), one plain copy of the same bytes into
-    fresh memory, the old index_put."""
+    fresh memory, an index_put into a (B, 2, 3, H, W) buffer."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)    # Ray gives GPU workers OMP_NUM_THREADS=1
     rng = np.random.default_rng(0)

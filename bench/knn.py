@@ -1,4 +1,4 @@
-"""One kNN evaluation: the sharded monitor (moco_ray.knn) vs the one it replaced, side by side.
+"""One kNN evaluation: the sharded monitor (moco_ray.knn) vs one that gathers the bank, side by side.
 
     python bench/knn.py [--n 10000,100000,1000000] [--queries 2000] [--dim 128] [--classes 1000]
 
@@ -7,7 +7,7 @@ processes joined by gloo, one thread each. Every (version, n) runs in fresh proc
 most memory one rank added from before its shard and queries existed to the end of the evaluation
 (VmHWM, reset then: ru_maxrss would include the parent's RSS at the fork); "formula" is
 moco_ray.knn.peak_bytes.
-(old) the monitor before issue 17: all_gather the bank (padded) and the queries onto every rank,
+(old) the gathering monitor: all_gather the bank (padded) and the queries onto every rank,
       one query x bank similarity matrix, a query x k x classes one-hot vote. It is skipped where
       its estimated peak (3 n (4d + 16) + 4 q n + 12 q k C bytes per rank) does not fit in the
       memory available.
@@ -32,7 +32,7 @@ K, T = 200, 0.1
 
 
 def all_gather_padded(x):
-    """The old gather: every rank's rows, padded to the longest, concatenated on every rank."""
+    """The gathering monitor's gather: every rank's rows, padded to the longest, concatenated on every rank."""
     padded = torch.zeros_like(x)
     padded[: len(x)] = x
     out = [torch.zeros_like(padded) for _ in range(dist.get_world_size())]
@@ -42,7 +42,7 @@ def all_gather_padded(x):
 
 def old_top1(query, query_y, bank, bank_y, num_classes):
     bank, bank_y = all_gather_padded(bank), all_gather_padded(bank_y)
-    order = torch.arange(len(bank))              # the old code reordered the bank by sample id (a copy)
+    order = torch.arange(len(bank))              # the bank in sample-id order: one more copy
     bank, bank_y = bank[order], bank_y[order]
     query, query_y = all_gather_padded(query), all_gather_padded(query_y)
     sim = query @ bank.T

@@ -20,7 +20,8 @@ Memory per rank, in bytes, for n bank rows, q queries, features of dimension d (
 Nothing grows with n * q or with k * C (while `extract` concatenates its batches, it holds the
 shard twice). Communication per chunk: a broadcast of chunk x d features and an all_gather of
 W x chunk x k (similarity, label) pairs, so one evaluation receives q * (4d + 12 W k) bytes per
-rank, whatever n is; the replaced monitor all_gathered the whole bank, n * (4d + 16) bytes.
+rank, whatever n is; gathering the whole bank onto every rank would receive n * (4d + 16) bytes
+(bench/knn.py measures both).
 
 Ties: neighbours tied in similarity at the k-th place are taken in torch.topk's order; a tie in
 the vote goes to the lowest class index (argmax returns the first maximum).
