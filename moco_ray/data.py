@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep import manifest as M
+from data_prep import manifest
 from moco_ray.augment import augment
 
 CROP_SCALE = (0.2, 1.0)      # MoCo's RandomResizedCrop scale
@@ -86,7 +86,7 @@ def class_subset(labels, per_class, seed=0):
 
 
 def _is_converted(path):
-    return (Path(path) / M.MANIFEST).exists()
+    return (Path(path) / manifest.MANIFEST).exists()
 
 
 def _check(path):
@@ -103,7 +103,7 @@ def _image_folder(path):
     try:
         return ImageFolder(path)
     except FileNotFoundError as e:
-        raise ValueError(f"{path} is neither a converted dataset (no {M.MANIFEST}) nor an "
+        raise ValueError(f"{path} is neither a converted dataset (no {manifest.MANIFEST}) nor an "
                          f"ImageFolder tree: {e}") from None
 
 
@@ -111,7 +111,7 @@ def dataset_info(path):
     """dict(n, classes, num_classes) of a converted dataset or an ImageFolder tree."""
     path = _check(path)
     if _is_converted(path):
-        meta = M.read_metadata(path)
+        meta = manifest.read_metadata(path)
         n, classes = meta["n"], meta["classes"]
         missing = [s["file"] for s in meta["shards"] if not (path / s["file"]).exists()]
         if missing:
@@ -126,7 +126,7 @@ def dataset_labels(path):
     """The label of every row, without decoding an image: (n,) int64."""
     path = _check(path)
     if _is_converted(path):
-        return _manifest(str(path), os.stat(path / M.MANIFEST).st_mtime_ns).labels
+        return _manifest(str(path), os.stat(path / manifest.MANIFEST).st_mtime_ns).labels
     return np.asarray(_image_folder(str(path.resolve())).targets, dtype=np.int64)
 
 
@@ -223,12 +223,12 @@ class BatchAssembly:
 
     def __init__(self, size, pin_memory=False):
         self.size, self.pin_memory, self.images, self._dst = size, pin_memory, None, None
-        self.ints = {k: torch.empty(size, dtype=torch.int64) for k in (M.LABEL, M.ID)}
+        self.ints = {k: torch.empty(size, dtype=torch.int64) for k in (manifest.LABEL, manifest.ID)}
 
     def put(self, pos, part):
         """Samples at positions pos (ascending) of the batch: part, a dict name -> tensor of
         len(pos) rows as ffcv yields them (image (m, V, 3, H, W) for training, (m, 3, H, W) eval)."""
-        images = part[M.IMAGE] if part[M.IMAGE].dim() == 5 else part[M.IMAGE].unsqueeze(1)
+        images = part[manifest.IMAGE] if part[manifest.IMAGE].dim() == 5 else part[manifest.IMAGE].unsqueeze(1)
         if self.images is None:
             self._allocate(images)
         src = images.numpy().swapaxes(0, 1)        # (V, m, 3, H, W)
@@ -249,7 +249,7 @@ class BatchAssembly:
 
     def result(self):
         """((views...), label, sample_id)."""
-        return self.images, self.ints[M.LABEL], self.ints[M.ID]
+        return self.images, self.ints[manifest.LABEL], self.ints[manifest.ID]
 
 
 def assemble(pieces, size, pin_memory=False):
@@ -291,13 +291,13 @@ def _pipelines(kind, res, scale=CROP_SCALE, views=2):
 
     from moco_ray.two_views import TwoViewRandomResizedCrop
 
-    ints = {M.LABEL: [IntDecoder(), ToTensor()], M.ID: [IntDecoder(), ToTensor()]}
+    ints = {manifest.LABEL: [IntDecoder(), ToTensor()], manifest.ID: [IntDecoder(), ToTensor()]}
     if kind == "eval":
-        return {M.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP), ToTensor(),
+        return {manifest.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP), ToTensor(),
                           ToTorchImage()], **ints}
 
     # both views from one decode: (B, 2, 3, res, res) uint8, view q then view k (see two_views)
-    return {M.IMAGE: [TwoViewRandomResizedCrop((res, res), scale=scale, views=views), ToTensor()], **ints}
+    return {manifest.IMAGE: [TwoViewRandomResizedCrop((res, res), scale=scale, views=views), ToTensor()], **ints}
 
 
 def _stat_key(path):
@@ -321,7 +321,7 @@ def _shard_state(path):
 
 
 def _image_area(reader):
-    meta = reader.metadata[f"f{reader.field_names.index(M.IMAGE)}"]
+    meta = reader.metadata[f"f{reader.field_names.index(manifest.IMAGE)}"]
     return int(meta["height"].max()) * int(meta["width"].max())
 
 
@@ -386,7 +386,7 @@ class _ShardStream:
         while i < m:
             if self.rest is None:
                 self.rest = self._next()
-            n = len(self.rest[M.ID])
+            n = len(self.rest[manifest.ID])
             used = min(m - i, n)
             consume({k: v[:used] for k, v in self.rest.items()}, i)
             self.rest = {k: v[used:] for k, v in self.rest.items()} if used < n else None
@@ -429,7 +429,7 @@ def _copy(part):
 
 
 def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_SCALE, views=2):
-    man = _manifest(str(path), os.stat(Path(path) / M.MANIFEST).st_mtime_ns)
+    man = _manifest(str(path), os.stat(Path(path) / manifest.MANIFEST).st_mtime_ns)
     shard, local = man.shard[rows], man.index[rows]
     step = max(sizes, default=1)
     chunk = step if len(man.shards) == 1 else max(16, -(-step // len(man.shards)))
@@ -446,7 +446,7 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
             for s in np.unique(sh):
                 where = np.flatnonzero(sh == s)
                 streams[s].take_into(len(where), lambda part, i, batch=batch, where=where:
-                                     batch.put(where[i:i + len(part[M.ID])], part))
+                                     batch.put(where[i:i + len(part[manifest.ID])], part))
             images, label, sid = batch.result()
             want = man.ids[rows[pos:pos + size]]
             if not np.array_equal(sid.numpy(), want):
@@ -461,7 +461,7 @@ def _ffcv_batches(path, rows, sizes, kind, res, num_workers, device, scale=CROP_
 
 @lru_cache(maxsize=8)
 def _manifest(path, mtime_ns):
-    return M.read_manifest(path)
+    return manifest.read_manifest(path)
 
 
 # ---------------------------------------------------------------------------------------------

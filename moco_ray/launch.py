@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple, Union
 
-from moco_ray import config as C, rundir, storage
+from moco_ray import config, rundir, storage
 
 
 def parse_workers(text):
@@ -26,11 +26,11 @@ def parse_workers(text):
         else:
             lo = hi = int(text)
     except ValueError:
-        raise C.ConfigError(f"--num-workers expects N or MIN:MAX, got {text!r}") from None
+        raise config.ConfigError(f"--num-workers expects N or MIN:MAX, got {text!r}") from None
     if lo < 1:
-        raise C.ConfigError(f"--num-workers: MIN must be >= 1, got {lo}")
+        raise config.ConfigError(f"--num-workers: MIN must be >= 1, got {lo}")
     if lo > hi:
-        raise C.ConfigError(f"--num-workers: MIN ({lo}) is larger than MAX ({hi})")
+        raise config.ConfigError(f"--num-workers: MIN ({lo}) is larger than MAX ({hi})")
     return lo if lo == hi else (lo, hi)
 
 
@@ -69,20 +69,20 @@ def resolve_data(cfg, splits=("data", "knn_data")):
         from data_prep.demo import build_demo, default_demo_root
 
         paths = build_demo(default_demo_root())
-        cfg = C.apply_overrides(cfg, {splits[0]: str(paths["train"]), splits[1]: str(paths["val"])})
+        cfg = config.apply_overrides(cfg, {splits[0]: str(paths["train"]), splits[1]: str(paths["val"])})
     for key in splits:
         if getattr(cfg, key):
             try:
                 data.dataset_info(getattr(cfg, key))
             except (FileNotFoundError, ValueError) as e:
-                raise C.ConfigError(f"{key}: {e}") from None
+                raise config.ConfigError(f"{key}: {e}") from None
     return cfg
 
 
 def run_dir_name(args, storage_path, cfg, prefix=""):
     """The run's name (default: PREFIX + CONFIG-TIMESTAMP); a continued run must run with the config
     it recorded (see moco_ray.rundir)."""
-    stem = args.config if args.config in C.PRESETS else Path(args.config).stem
+    stem = args.config if args.config in config.PRESETS else Path(args.config).stem
     name, continuing = rundir.resolve(storage_path, args.name, args.resume,
                                       f"{prefix}{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if continuing:
@@ -123,8 +123,8 @@ def make_trainer(cfg, workers, use_gpu, storage_path, name, max_failures=0, call
         # session's log files; the console gets our lines (the RunLog's) and warnings
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
-    config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(storage_path / name)}
-    return TorchTrainer(loop or train_func, train_loop_config=config,
+    loop_config = {"cfg": cfg.to_dict(), "run_log": run_log, "run_dir": str(storage_path / name)}
+    return TorchTrainer(loop or train_func, train_loop_config=loop_config,
                         scaling_config=scaling, run_config=run)
 
 
@@ -147,22 +147,22 @@ def release_reservation(run_dir):
 @dataclass(frozen=True)
 class RunPlan:
     """One run, as plan() checked it before Ray starts."""
-    user_cfg: C.Config                 # the config as given: what RUN_DIR records
-    cfg: C.Config                      # with the data resolved (the embedded dataset when none is given)
+    user_cfg: config.Config                 # the config as given: what RUN_DIR records
+    cfg: config.Config                      # with the data resolved (the embedded dataset when none is given)
     workers: Union[int, Tuple[int, int]]   # N, or (MIN, MAX) for elastic training
     storage_path: storage.Location
     name: str                          # the run directory is storage_path / name
 
 
-def plan(args, kind=C.Config, splits=("data", "knn_data"), overrides=(), prefix=""):
+def plan(args, kind=config.Config, splits=("data", "knn_data"), overrides=(), prefix=""):
     """Everything checked before Ray starts, as a RunPlan. ConfigError on bad input."""
     log_to = [] if getattr(args, "log_to", None) is None else [f"log_to={args.log_to}"]
-    cfg = C.load(args.config, [*args.set, *log_to, *overrides], kind)
+    cfg = config.load(args.config, [*args.set, *log_to, *overrides], kind)
     workers = parse_workers(args.num_workers)
-    C.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
+    config.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
     storage_path = storage.at(args.storage_path)   # ConfigError for a URI without a filesystem
     if cfg.log_to and not storage_path.is_local:
-        raise C.ConfigError(f"--log-to writes its trackers' files in the run directory, which must be local for "
+        raise config.ConfigError(f"--log-to writes its trackers' files in the run directory, which must be local for "
                             f"now; {args.storage_path!r} is a URI")
     name = run_dir_name(args, storage_path, cfg, prefix)
     return RunPlan(cfg, resolve_data(cfg, splits), workers, storage_path, name)
@@ -208,7 +208,7 @@ def fit(args, run, use_gpu, loop=None):
 
     cfg, storage_path, name = run.cfg, run.storage_path, run.name
     print(f"[moco_ray] run {name} in {storage_path}, workers {args.num_workers}, "
-          f"{'GPU' if use_gpu else 'CPU'}; config:\n{C.describe(cfg)}", flush=True)
+          f"{'GPU' if use_gpu else 'CPU'}; config:\n{config.describe(cfg)}", flush=True)
     rundir.set_aside_torn_ray_snapshot(storage_path / name)
     rundir.record_config(storage_path / name, run.user_cfg.to_dict())
     t0 = time.perf_counter()

@@ -28,15 +28,15 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from moco_ray import config as C, export, launch, precision
+from moco_ray import config, export, launch, precision
 from moco_ray.metrics import EVENT, Event
 from moco_ray.worker import Loop, _ray_train, backbone_of
 
 
-def lincls_func(config):
+def lincls_func(loop_config):
     """Runs on every Ray Train worker."""
-    LinearEval(C.apply_overrides(C.LinclsConfig(), config["cfg"]), config.get("run_log"),
-               config.get("run_dir")).run()
+    LinearEval(config.apply_overrides(config.LinclsConfig(), loop_config["cfg"]), loop_config.get("run_log"),
+               loop_config.get("run_dir")).run()
 
 
 def build_classifier(arch, small_stem, num_classes, res=224):
@@ -235,7 +235,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=None,
                    help="pretraining checkpoint or run directory, or a torchvision/moco export")
-    launch.add_run_arguments(p, presets=C.LINCLS_PRESETS)
+    launch.add_run_arguments(p, presets=config.LINCLS_PRESETS)
     return p
 
 
@@ -261,7 +261,7 @@ def check_res(pretrained, res):
     from moco_ray.encoders import is_vit
 
     if is_vit(pretrained.arch) and res != pretrained.res:
-        raise C.ConfigError(f"res={res}: the pretrained {pretrained.arch} was trained at {pretrained.res} px; "
+        raise config.ConfigError(f"res={res}: the pretrained {pretrained.arch} was trained at {pretrained.res} px; "
                             f"use --set res={pretrained.res}")
 
 
@@ -269,7 +269,7 @@ def baseline_run(args, cfg, storage_path, name):
     """(args, config, name) of the random-init baseline of run `name`: continued with it, if it exists."""
     baseline = name + "-random"
     args = argparse.Namespace(**{**vars(args), "name": baseline, "resume": "auto" if args.resume else None})
-    random = C.apply_overrides(cfg, {"random_baseline": False,
+    random = config.apply_overrides(cfg, {"random_baseline": False,
                                      "pretrained": str(storage_path / baseline / "random_init.pt")})
     return args, random, baseline
 
@@ -297,23 +297,23 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         pretrained = [f"pretrained={args.pretrained}"] if args.pretrained else []
-        run = launch.plan(args, C.LinclsConfig, ("data", "val_data"), pretrained, prefix="lincls-")
+        run = launch.plan(args, config.LinclsConfig, ("data", "val_data"), pretrained, prefix="lincls-")
         # every worker and every restart reads the same checkpoint, whatever the run directory gets later
-        cfg = C.apply_overrides(run.cfg, {"pretrained": str(export.find_checkpoint(run.cfg.pretrained))})
+        cfg = config.apply_overrides(run.cfg, {"pretrained": str(export.find_checkpoint(run.cfg.pretrained))})
         check_res(export.load_pretrained(cfg.pretrained), cfg.res)  # readable, before Ray starts
         if cfg.random_baseline:
             b_args, b_cfg, b_name = baseline_run(args, cfg, run.storage_path, run.name)
             launch.run_dir_name(b_args, run.storage_path, b_cfg)   # refused now, not after the first run
         use_gpu = launch.connect(args)
-        cfg = C.for_device(cfg, cuda=use_gpu)
-    except (C.ConfigError, export.ExportError) as e:
+        cfg = config.for_device(cfg, cuda=use_gpu)
+    except (config.ConfigError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     runs = [(run.name, *evaluate_encoder(args, replace(run, cfg=cfg), use_gpu))]
     if cfg.random_baseline and runs[0][1].get(EVENT) != Event.FAILED:
         random_init_export(b_cfg.pretrained, cfg.pretrained, cfg.seed)
-        baseline = replace(run, user_cfg=b_cfg, cfg=C.for_device(b_cfg, cuda=use_gpu), name=b_name)
+        baseline = replace(run, user_cfg=b_cfg, cfg=config.for_device(b_cfg, cuda=use_gpu), name=b_name)
         runs.append((b_name, *evaluate_encoder(b_args, baseline, use_gpu)))
     print("\n[moco_ray] linear evaluation")
     for name, last, wall in runs:

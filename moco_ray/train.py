@@ -11,13 +11,13 @@ import argparse
 import sys
 from dataclasses import replace
 
-from moco_ray import config as C, launch
+from moco_ray import config, launch
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m moco_ray.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    launch.add_run_arguments(p, C.PRESETS)
+    launch.add_run_arguments(p, config.PRESETS)
     return p
 
 
@@ -25,7 +25,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run = launch.plan(args)
-    except C.ConfigError as e:
+    except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     use_gpu = launch.connect(args)
@@ -33,8 +33,8 @@ def main(argv=None):
         print("error: bn=sync needs GPUs (torch's SyncBatchNorm); use bn=shuffle on CPU", file=sys.stderr)
         return 2
     try:
-        run = replace(run, cfg=C.for_device(run.cfg, cuda=use_gpu))
-    except C.ConfigError as e:
+        run = replace(run, cfg=config.for_device(run.cfg, cuda=use_gpu))
+    except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from moco_ray import checkpoint, config as C, precision, storage, train_state
+from moco_ray import checkpoint, config, precision, storage, train_state
 from moco_ray.metrics import EVENT, Event
 from moco_ray.records import LazyRecord, due
 from moco_ray.sample_log import SampleLog
@@ -36,9 +36,10 @@ from moco_ray.sample_log import SampleLog
 log = logging.getLogger("moco_ray")
 
 
-def train_func(config):
+def train_func(loop_config):
     """Runs on every Ray Train worker."""
-    Worker(C.apply_overrides(C.Config(), config["cfg"]), config.get("run_log"), config.get("run_dir")).run()
+    Worker(config.apply_overrides(config.Config(), loop_config["cfg"]), loop_config.get("run_log"),
+           loop_config.get("run_dir")).run()
 
 
 def learning_rate(cfg, batch_effective, progress):
@@ -149,7 +150,7 @@ class Loop:
         ctx = _ray_train().get_context()
         self.rank, self.W, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
         self.device = ray.train.torch.get_device()
-        self.cfg = cfg = C.for_device(cfg, self.device.type == "cuda")
+        self.cfg = cfg = config.for_device(cfg, self.device.type == "cuda")
         precision.configure_backends(self.device)
         self.b = cfg.batch_size // self.W
         self.B = self.b * self.W

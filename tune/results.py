@@ -6,7 +6,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from moco_ray import config as C, plotting, storage
+from moco_ray import config, plotting, storage
 from moco_ray.metrics import EVENT, Event
 
 RESULTS_FILE = "results.parquet"
@@ -110,9 +110,9 @@ def write_files(path, spec, rows):
     pd.DataFrame(rows).to_parquet(path / RESULTS_FILE, index=False)
     best = best_row(rows, spec)
     if best is not None:
-        cfg = C.apply_overrides(C.apply_overrides(C.Config(), spec["user_cfg"]),
+        cfg = config.apply_overrides(config.apply_overrides(config.Config(), spec["user_cfg"]),
                                 {"T": best["tau"], "m": best["m"], "K": best["K"]})
-        C.dump(cfg, path / BEST_FILE)
+        config.dump(cfg, path / BEST_FILE)
     heatmap(rows, spec, path / HEATMAP_FILE)
     by_m(rows, spec, path / BY_M_FILE)
     by_K(rows, spec, path / BY_K_FILE)

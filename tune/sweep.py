@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moco_ray import config as C, launch, storage
+from moco_ray import config, launch, storage
 from moco_ray.launch import start_ray
 
 # Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
@@ -71,15 +71,15 @@ class Space:
 def _floats(flag, text):
     items = [v.strip() for v in text.split(",")]
     if not any(items):
-        raise C.ConfigError(f"{flag}: empty grid; give values like 0.07,0.2 or a distribution")
+        raise config.ConfigError(f"{flag}: empty grid; give values like 0.07,0.2 or a distribution")
     if not all(items):
-        raise C.ConfigError(f"{flag}: empty value in {text!r}")
+        raise config.ConfigError(f"{flag}: empty value in {text!r}")
     try:
         values = tuple(float(v) for v in items)
     except ValueError:
-        raise C.ConfigError(f"{flag}: expected numbers, got {text!r}") from None
+        raise config.ConfigError(f"{flag}: expected numbers, got {text!r}") from None
     if not all(math.isfinite(v) for v in values):
-        raise C.ConfigError(f"{flag}: values must be finite, got {text!r}")
+        raise config.ConfigError(f"{flag}: values must be finite, got {text!r}")
     return values
 
 
@@ -96,30 +96,30 @@ def parse_space(flag, text, search):
     if kind in ("uniform", "loguniform"):
         bounds = rest.split(":")
         if len(bounds) != 2:
-            raise C.ConfigError(f"{flag}: {kind} expects {kind}:LO:HI, got {text!r}")
+            raise config.ConfigError(f"{flag}: {kind} expects {kind}:LO:HI, got {text!r}")
         lo, hi = _floats(flag, ",".join(bounds))
         if not lo < hi:
-            raise C.ConfigError(f"{flag}: {kind}:{lo:g}:{hi:g} needs LO < HI")
+            raise config.ConfigError(f"{flag}: {kind}:{lo:g}:{hi:g} needs LO < HI")
         if kind == "loguniform" and lo <= 0:
-            raise C.ConfigError(f"{flag}: loguniform needs LO > 0, got {lo:g}")
+            raise config.ConfigError(f"{flag}: loguniform needs LO > 0, got {lo:g}")
         return Space(kind, lo=lo, hi=hi)
-    raise C.ConfigError(f"{flag}: unknown distribution {kind!r}; use a list a,b,c or one of "
+    raise config.ConfigError(f"{flag}: unknown distribution {kind!r}; use a list a,b,c or one of "
                         f"grid:, choice:, uniform:LO:HI, loguniform:LO:HI")
 
 
 def check_tau(space):
     bad = [v for v in space.points() if not v > 0]
     if bad:
-        raise C.ConfigError(f"--tau: the temperature must be > 0, got {bad[0]:g}")
+        raise config.ConfigError(f"--tau: the temperature must be > 0, got {bad[0]:g}")
 
 
 def check_K(space):
     """Queue sizes: a list of whole numbers >= 1 (grid or choice; no ranges)."""
     if space.kind not in ("grid", "choice"):
-        raise C.ConfigError(f"--K: queue sizes are a list (a,b or choice:a,b), not {space.kind}")
+        raise config.ConfigError(f"--K: queue sizes are a list (a,b or choice:a,b), not {space.kind}")
     bad = [v for v in space.values if not (v >= 1 and float(v).is_integer())]
     if bad:
-        raise C.ConfigError(f"--K: the queue size must be a whole number >= 1, got {bad[0]:g}")
+        raise config.ConfigError(f"--K: the queue size must be a whole number >= 1, got {bad[0]:g}")
 
 
 def check_m(space):
@@ -127,40 +127,42 @@ def check_m(space):
     for v in space.points():
         # a range's upper end is never drawn (Tune samples [LO, HI)), so m in [LO, 1) allows HI = 1
         if not (0 <= v < 1 or (ranged and v == space.hi and v <= 1)):
-            raise C.ConfigError(f"--m: the momentum must be in [0, 1), got {v:g}")
+            raise config.ConfigError(f"--m: the momentum must be in [0, 1), got {v:g}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # The trial: a Tune function trainable that is the driver of one Ray Train run
 # ----------------------------------------------------------------------------------------------------
 
-def trial_dirname(trial_id, config):
-    queue = f"_K={int(config['K'])}" if "K" in config else ""
-    return f"trial_{trial_id}_T={float(config['T']):g}_m={float(config['m']):g}{queue}"
+def trial_dirname(trial_id, sampled):
+    queue = f"_K={int(sampled['K'])}" if "K" in sampled else ""
+    return f"trial_{trial_id}_T={float(sampled['T']):g}_m={float(sampled['m']):g}{queue}"
 
 
 def _trial_dirname_creator(trial):
     return trial_dirname(trial.trial_id, trial.config)
 
 
-def trial_cfg(base, config):
-    """The trial's config: the sweep's base config with T and m (and K, when swept) replaced."""
-    swept = {"T": float(config["T"]), "m": float(config["m"])}
-    if "K" in config:
-        swept["K"] = int(config["K"])
-    return C.apply_overrides(C.apply_overrides(C.Config(), base), swept)
+def trial_cfg(base, sampled):
+    """The trial's config: the sweep's base config with T and m (and K, when swept) replaced by the
+    trial's `sampled` values."""
+    swept = {"T": float(sampled["T"]), "m": float(sampled["m"])}
+    if "K" in sampled:
+        swept["K"] = int(sampled["K"])
+    return config.apply_overrides(config.apply_overrides(config.Config(), base), swept)
 
 
-def trial_driver(config, spec):
-    """Runs in the trial's Tune actor; builds and runs the same TorchTrainer as moco_ray.train."""
+def trial_driver(sampled, spec):
+    """Runs in the trial's Tune actor (sampled: the trial's T, m and K, Tune's config); builds and runs
+    the same TorchTrainer as moco_ray.train."""
     import ray.tune
 
     from tune.callbacks import FreshMetricCallback
 
-    cfg = trial_cfg(spec["cfg"], config)
+    cfg = trial_cfg(spec["cfg"], sampled)
     workers = tuple(spec["workers"]) if isinstance(spec["workers"], list) else spec["workers"]
-    C.validate(cfg, launch.max_workers(workers))
-    trial_dir = storage.at(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), config)
+    config.validate(cfg, launch.max_workers(workers))
+    trial_dir = storage.at(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), sampled)
     # Same storage path and name when Tuner.restore restarts the trial: Ray Train then resumes the run
     # from its latest checkpoint.
     trainer = launch.make_trainer(
@@ -217,23 +219,23 @@ def build_parser():
 def _sweep_name(args, storage_path):
     if args.resume == "auto":
         if not args.name:
-            raise C.ConfigError("--resume auto needs --name: the sweep to continue or to start")
+            raise config.ConfigError("--resume auto needs --name: the sweep to continue or to start")
         return args.name
     if args.name:
         exists = (storage_path / args.name).exists()
         if exists and not args.resume:
-            raise C.ConfigError(f"sweep {args.name!r} already exists in {storage_path}; pass --resume "
+            raise config.ConfigError(f"sweep {args.name!r} already exists in {storage_path}; pass --resume "
                                 f"to continue it, or another --name")
         if args.resume and not exists:
-            raise C.ConfigError(f"--resume: no sweep {args.name!r} in {storage_path}")
+            raise config.ConfigError(f"--resume: no sweep {args.name!r} in {storage_path}")
         return args.name
     if args.resume:
         specs = [(name, (storage_path / name / SPEC_FILE).info()) for name in storage_path.listdir()]
         sweeps = sorted((info.mtime.timestamp(), name) for name, info in specs if info.is_file)
         if not sweeps:
-            raise C.ConfigError(f"--resume: no sweeps in {storage_path}")
+            raise config.ConfigError(f"--resume: no sweeps in {storage_path}")
         return sweeps[-1][1]
-    stem = args.config if args.config in C.PRESETS else Path(args.config).stem
+    stem = args.config if args.config in config.PRESETS else Path(args.config).stem
     return f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -249,18 +251,18 @@ def plan(args):
     if args.resume:
         given = [f for f, v in (("--tau", args.tau), ("--m", args.m), ("--K", args.K), ("--set", args.set)) if v]
         if given:
-            raise C.ConfigError(f"--resume continues the stored sweep {name!r}; {', '.join(given)} cannot change")
+            raise config.ConfigError(f"--resume continues the stored sweep {name!r}; {', '.join(given)} cannot change")
         spec = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).is_file() else None
         from ray.tune import Tuner
 
         if spec is None or not Tuner.can_restore(str(path)):
-            raise C.ConfigError(f"--resume: {path} holds no restorable sweep")
+            raise config.ConfigError(f"--resume: {path} holds no restorable sweep")
         spec["resume"] = True
         return spec
 
     for flag, value in (("--tau", args.tau), ("--m", args.m)):
         if value is None:
-            raise C.ConfigError(f"{flag} is required, e.g. --tau 0.07,0.2 --m 0.99,0.999")
+            raise config.ConfigError(f"{flag} is required, e.g. --tau 0.07,0.2 --m 0.99,0.999")
     tau = parse_space("--tau", args.tau, args.search)
     m = parse_space("--m", args.m, args.search)
     queue = parse_space("--K", args.K, args.search) if args.K is not None else None
@@ -269,34 +271,34 @@ def plan(args):
     if queue is not None:
         check_K(queue)
     if args.metric not in METRICS:
-        raise C.ConfigError(f"--metric {args.metric!r} is unknown; choose one of {', '.join(METRICS)}")
+        raise config.ConfigError(f"--metric {args.metric!r} is unknown; choose one of {', '.join(METRICS)}")
     if args.num_samples is not None and args.num_samples < 1:
-        raise C.ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+        raise config.ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise C.ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+        raise config.ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if args.max_failures < 0:
-        raise C.ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
+        raise config.ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
     if not args.reduction_factor > 1:
-        raise C.ConfigError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+        raise config.ConfigError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     workers = launch.parse_workers(args.workers_per_trial)
-    cfg = C.load(args.config, args.set)
-    C.validate(cfg, launch.max_workers(workers))
+    cfg = config.load(args.config, args.set)
+    config.validate(cfg, launch.max_workers(workers))
     for t in tau.points():
         for mm in m.points():
             for k in (queue.points() if queue else [cfg.K]):
                 if mm < 1:
-                    C.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm, "K": k}), launch.max_workers(workers))
+                    config.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm, "K": k}), launch.max_workers(workers))
     if args.grace_period is not None and not 1 <= args.grace_period <= cfg.epochs:
-        raise C.ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {args.grace_period}")
+        raise config.ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {args.grace_period}")
     if args.address is None and not _ray_running():
         need = launch.max_workers(workers)
         cpus = os.cpu_count() or 1
         if args.use_gpu != "true" and need > cpus:
-            raise C.ConfigError(f"--workers-per-trial {args.workers_per_trial}: a trial needs {need} CPU "
+            raise config.ConfigError(f"--workers-per-trial {args.workers_per_trial}: a trial needs {need} CPU "
                                 f"workers, this machine has {cpus} CPUs")
     resolved = launch.resolve_data(cfg)
     if args.metric == "knn_top1" and not resolved.knn_data:
-        raise C.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
+        raise config.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
     trials = num_samples * tau.size() * m.size() * (queue.size() if queue else 1)
     return dict(
@@ -327,7 +329,7 @@ def _continue_or_start(path, fresh):
     stored = json.loads((path / SPEC_FILE).read_text())
     differ = [k for k in SAME_SWEEP if rundir.plain(stored.get(k)) != rundir.plain(fresh.get(k))]
     if differ:
-        raise C.ConfigError(f"--resume auto: sweep {path.name!r} was started with other arguments: "
+        raise config.ConfigError(f"--resume auto: sweep {path.name!r} was started with other arguments: "
                             + ", ".join(f"{k} {stored.get(k)!r} -> {fresh.get(k)!r}" for k in differ))
     return dict(stored, resume=True)
 
@@ -381,7 +383,7 @@ def check_cluster(spec):
         w = spec["workers"][1] if isinstance(spec["workers"], list) else spec["workers"]
         need = f"{w} GPUs" if spec["use_gpu"] else f"{w + TRIAL_CPU:g} CPUs ({w} workers + the trial driver)"
         have = f"{total.get('GPU', 0):g} GPUs" if spec["use_gpu"] else f"{total.get('CPU', 0):g} CPUs"
-        raise C.ConfigError(f"--workers-per-trial {w}: a trial needs {need}, the cluster has at most {have}")
+        raise config.ConfigError(f"--workers-per-trial {w}: a trial needs {need}, the cluster has at most {have}")
     return fits
 
 
@@ -433,13 +435,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         spec = plan(args)
-    except C.ConfigError as e:
+    except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
     from moco_ray import trackers
-    from tune import results as R
+    from tune import results
     from tune.cleanup import release_at_end
 
     # A local Ray gets one logical CPU more than the machine has, for the trial drivers (TRIAL_CPU
@@ -447,7 +449,7 @@ def main(argv=None):
     start_ray(args.address, num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
     try:
         fits = check_cluster(spec)
-    except C.ConfigError as e:
+    except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     max_concurrent = args.max_concurrent or spec.get("max_concurrent") or fits
@@ -467,9 +469,9 @@ def main(argv=None):
         build_tuner(spec, max_concurrent).fit()
     wall = time.perf_counter() - t0
     release_at_end(spec["started_ms"])
-    rows = R.collect(path, spec)
-    R.write(path, spec, rows)
-    print(R.summary(path, spec, rows, wall), flush=True)
+    rows = results.collect(path, spec)
+    results.write(path, spec, rows)
+    print(results.summary(path, spec, rows, wall), flush=True)
     # Interrupted (Ctrl+C): trials still pending or running, or not even created yet (Tune creates
     # them lazily when the concurrency is limited).
     if len(rows) < spec["trials"] or any(r["status"] not in ("TERMINATED", "ERROR") for r in rows):
