@@ -144,10 +144,11 @@ PRESETS = {
                              crop_min=0.08, aug="v2", knn_every=10, knn_bank_per_class=100),
     # Tiny and CPU-sized: resnet18 on 16px crops of the 32px scenes of the embedded dataset
     # (data_prep.demo, 5748 train images: 89 steps an epoch), 2 workers. K stays well below the
-    # dataset, so an image's own older keys are never among its negatives. Two changes from the
-    # paper made it learn on the plain digits (the closing note of issue 3): a BN in the MLP head
-    # (without it the query encoder collapsed: all digits shared one black background) and crops of
-    # at least half the image. 6 epochs: ~34k images, ~8 min at the 72 images/s of 2 idle cores.
+    # dataset, so an image's own older keys are never among its negatives. Two departures from the
+    # paper: a BN in the MLP head (without it the query encoder collapses: images that share one
+    # background have nearly the same features at init) and crops of at least half the image (a
+    # 16px crop of less shows too little of the digit). 6 epochs: ~34k images, ~8 min at the 72
+    # images/s of 2 idle cores. It does not yet beat the raw-pixel baseline (docs/results.md).
     "demo": dict(
         arch="resnet18", small_stem=True, res=16, aug="v2", mlp=True, head_bn=True, crop_min=0.5,
         T=0.2, K=512, m=0.99, batch_size=64, lr=0.12, epochs=6, schedule="cosine", knn_every=3,
