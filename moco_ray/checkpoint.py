@@ -45,13 +45,17 @@ def queue_file(rank):
     return f"queue-{rank:04d}.pt"
 
 
+HASH_CHUNK = 16 << 20   # bytes per read (one ranged GET on an object store): memory O(16 MiB), not O(file)
+
+
 def _sha256(path):
-    """sha256 of a file (a local path or a storage.Location), read in 1 MiB chunks."""
+    """sha256 of a file (a local path or a storage.Location), read in HASH_CHUNK pieces of known size."""
     h = hashlib.sha256()
     loc = storage.at(path)
-    with loc.fs.open_input_stream(loc.path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with loc.fs.open_input_file(loc.path) as f:
+        size = f.size()
+        for start in range(0, size, HASH_CHUNK):
+            h.update(f.read(min(HASH_CHUNK, size - start)))
     return h.hexdigest()
 
 

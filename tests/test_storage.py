@@ -219,7 +219,7 @@ def ray_with_s3(s3, _ray_shutdown_at_end):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
 
