@@ -35,7 +35,7 @@ from moco_ray.worker import Loop, _ray_train, backbone_of
 
 def lincls_func(loop_config):
     """Runs on every Ray Train worker."""
-    LinearEval(config.apply_overrides(config.LinclsConfig(), loop_config["cfg"]), loop_config.get("run_log"),
+    LinclsLoop(config.apply_overrides(config.LinclsConfig(), loop_config["cfg"]), loop_config.get("run_log"),
                loop_config.get("run_dir")).run()
 
 
@@ -88,7 +88,7 @@ def correct_counts(logits, labels, ks=(1, 5)):
     return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
 
 
-class LinearEval(Loop):
+class LinclsLoop(Loop):
     """The linear classifier on one worker: the frozen backbone, the DDP-wrapped fc, validation
     top-1/top-5 every eval_every epochs, the sanity check."""
 

@@ -1,6 +1,6 @@
 """What a MoCo worker's checkpoint holds (both encoders, the optimizer, the loss scaler, its queue
 shard) and how it is restored onto the device where training runs. Ray-free: the per-worker loop
-(moco_ray.worker.Worker) and bench/gpu.py call these same functions.
+(moco_ray.worker.PretrainLoop) and bench/gpu.py call these same functions.
 
 The order is the contract: build the model, move it to its device (and wrap it in DDP), then
 restore with map_location to that device. optimizer.load_state_dict casts the state to where each

@@ -10,7 +10,7 @@ checkpoint after a restart or a resize.
       .end_epoch, .end      epoch bookkeeping, the subclass's measurement, checkpoints
       .save                 a sharded checkpoint through ray.train.report, when .saves (a
                             checkpoint.SaveSchedule: steps and/or rank 0's clock) says so
-    Worker(Loop)          MoCo pretraining:
+    PretrainLoop(Loop)    MoCo pretraining:
       .step                 one optimizer step: the paper's Algorithm 1 (moco_ray.step.MoCo) + SGD
       .monitor              the kNN monitor on the backbone of the query encoder
 
@@ -38,7 +38,7 @@ log = logging.getLogger("moco_ray")
 
 def train_func(loop_config):
     """Runs on every Ray Train worker."""
-    Worker(config.apply_overrides(config.Config(), loop_config["cfg"]), loop_config.get("run_log"),
+    PretrainLoop(config.apply_overrides(config.Config(), loop_config["cfg"]), loop_config.get("run_log"),
            loop_config.get("run_dir")).run()
 
 
@@ -184,6 +184,40 @@ class Loop:
                 break  # stopped by max_steps in the middle of the epoch
             self.end_epoch()
         self.end()
+
+    # -- the hooks every loop defines, in the order a run first calls them ------------------------
+
+    def build(self):
+        """Create the model and optimizer on the CPU (weights random, nothing restored yet)."""
+        raise NotImplementedError
+
+    def to_device(self):
+        """Move the model to self.device and wrap what trains in DDP, keeping Parameter identity."""
+        raise NotImplementedError
+
+    def load_state(self, state, shard):
+        """Restore model, optimizer (and this rank's queue shard) from a checkpoint already on the device."""
+        raise NotImplementedError
+
+    def measures(self):
+        """The measured numbers (None before the first), as they go into every record."""
+        raise NotImplementedError
+
+    def step(self, batch, epochs_done):
+        """One optimizer step on the local batch; returns (loss, stats, lr); loss may stay on the device."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        """What a checkpoint holds of the model and optimizer (rank 0 saves it)."""
+        raise NotImplementedError
+
+    def measure_due(self, epoch, last_epoch):
+        """Whether the end of `epoch` measures (kNN, top-1)."""
+        raise NotImplementedError
+
+    def measure(self):
+        """Take the measurement and keep it in self.progress (checkpointed with the run)."""
+        raise NotImplementedError
 
     def build_and_restore(self):
         """Build the model, move it to its device (and wrap it: to_device), then restore the
@@ -377,7 +411,7 @@ class Loop:
         return {}
 
 
-class Worker(Loop):
+class PretrainLoop(Loop):
     """MoCo pretraining on one worker: model, optimizer, loss scaler, queue shard, kNN monitor."""
 
     PROGRESS = dict(knn_pixels_top1=None, knn_init_top1=None, knn_top1=None)

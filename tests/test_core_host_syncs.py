@@ -12,13 +12,13 @@ from moco_ray.augment import augment
 from moco_ray.metrics import WorkerMetrics
 from moco_ray.queue import KeyQueue
 from moco_ray.syncs import HostSyncs
-from moco_ray.worker import Worker, queue_age
+from moco_ray.worker import PretrainLoop, queue_age
 
 STEPS = 20
 
 
-class RayFreeWorker(Worker):
-    """Worker.step and Loop.record as the loop runs them, without Ray Train: the attributes that
+class RayFreeWorker(PretrainLoop):
+    """PretrainLoop.step and Loop.record as the loop runs them, without Ray Train: the attributes that
     Loop.__init__ sets for them, on one CPU worker."""
 
     def __init__(self, cfg, meter):

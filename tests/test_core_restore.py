@@ -9,7 +9,7 @@ from dist_utils import run_gloo
 from moco_ray import checkpoint, config as C, train_state
 from moco_ray.queue import KeyQueue
 from moco_ray.step import MoCo
-from moco_ray.worker import Worker
+from moco_ray.worker import PretrainLoop
 
 K = 64
 
@@ -18,8 +18,8 @@ def small_cfg():
     return C.for_device(C.load("demo", [f"K={K}", "dim=16"]), cuda=False)
 
 
-def worker_without_ray(cfg, run_dir, rank=0, world_size=1, cls=Worker):
-    """A Worker with what Ray's context gives it (rank, world size, device) set by hand: enough for
+def worker_without_ray(cfg, run_dir, rank=0, world_size=1, cls=PretrainLoop):
+    """A PretrainLoop with what Ray's context gives it (rank, world size, device) set by hand: enough for
     build_and_restore, which needs nothing of Ray when the run directory is known."""
     loop = cls.__new__(cls)
     loop.cfg, loop.rank, loop.W, loop.device = cfg, rank, world_size, torch.device("cpu")
@@ -45,7 +45,7 @@ def save_checkpoint(run_dir, step, group, world_size=1, seed=0):
     return path, state
 
 
-class MovedToFloat64(Worker):
+class MovedToFloat64(PretrainLoop):
     def to_device(self):
         # The stand-in for the move to a GPU: Module.to keeps the Parameter objects and changes their
         # dtype here as .to("cuda") changes their device.

@@ -1,4 +1,4 @@
-"""Worker.build, set_lr and the checkpoint state for every method, without Ray: the same Worker
+"""PretrainLoop.build, set_lr and the checkpoint state for every method, without Ray: the same PretrainLoop
 methods the Ray Train loop calls, on one process (no DDP: the step modules' equivalence under DDP
 is tests/test_core_step_v3.py)."""
 import copy
@@ -8,12 +8,12 @@ import torch
 
 from moco_ray import config as C
 from moco_ray.optim import moco_momentum
-from moco_ray.worker import Worker
+from moco_ray.worker import PretrainLoop
 
 
 def bare_worker(cfg):
-    """A Worker with what build() and step() read, set as Loop.__init__ would on one CPU worker."""
-    worker = Worker.__new__(Worker)
+    """A PretrainLoop with what build() and step() read, set as Loop.__init__ would on one CPU worker."""
+    worker = PretrainLoop.__new__(PretrainLoop)
     worker.cfg, worker.device = C.for_device(cfg, cuda=False), torch.device("cpu")
     worker.b = worker.B = cfg.batch_size
     worker.progress = dict(step=0, skipped_steps=0)
