@@ -114,6 +114,8 @@ class LinclsConfig(RunOptions):
     channels_last: str = "auto"   # true | false; auto = true on CUDA
     eval_every: int = 1           # epochs between top-1/top-5 on val_data (and always after the last)
     random_baseline: bool = False # then the same protocol on a randomly initialised encoder (run NAME-random)
+    pixel_baseline: bool = False  # then the same protocol on the flattened input pixels (run NAME-pixels)
+    features: str = "encoder"     # what the linear layer reads: encoder (the pretrained backbone) | pixels
 
 
 PRESETS = {
@@ -167,6 +169,7 @@ LINCLS_PRESETS = {
     "imagenet": {},   # the defaults: 100 epochs, lr 30 per 256, /10 at 60 and 80
     # The 16px crops of the demo pretraining; 10 epochs, lr / 10 at 60% and 80% of them as the paper's.
     "demo": dict(res=16, batch_size=64, epochs=10, lr_steps=(6, 8), eval_every=2, random_baseline=True,
+                 pixel_baseline=True,
                  report_every=5, checkpoint_every_steps=100, checkpoint_every_s=0, keep_checkpoints=2,
                  loader_workers=1, metrics_port=0),
 }
@@ -177,7 +180,8 @@ CHOICES = {"aug": ("v1", "v2"), "bn": ("shuffle", "sync", "split"), "schedule": 
            "channels_last": ("auto", "true", "false")}
 
 
-LINCLS_CHOICES = {key: CHOICES[key] for key in ("schedule", "precision", "channels_last")}
+LINCLS_CHOICES = {**{key: CHOICES[key] for key in ("schedule", "precision", "channels_last")},
+                  "features": ("encoder", "pixels")}
 PRESETS_OF = {Config: PRESETS, LinclsConfig: LINCLS_PRESETS}
 
 

@@ -18,7 +18,8 @@ retried: a retry would train from the same checkpoint into the same difference).
 a `torchvision`, `moco` or `moco-v3` export (moco_ray.export): any method's backbone, ResNet, ViT
 or timm model (a ViT's features are its class token, as moco-v3's main_lincls.py). With
 random_baseline (preset demo) the same protocol then runs on a randomly initialised encoder of the
-same architecture (run NAME-random), and both top-1s are printed at the end.
+same architecture (run NAME-random), with pixel_baseline (preset demo) on the flattened input pixels
+(run NAME-pixels: 3 x res x res features), and every top-1 is printed at the end.
 """
 import argparse
 import contextlib
@@ -55,6 +56,20 @@ def build_classifier(arch, small_stem, num_classes, res=224):
         net = encoders.Encoder(backbone, torch.nn.Linear(features, num_classes))
     net.requires_grad_(False)
     net.fc.requires_grad_(True)
+    torch.nn.init.normal_(net.fc.weight, mean=0.0, std=0.01)
+    torch.nn.init.zeros_(net.fc.bias)
+    return net
+
+
+PIXELS = "pixels"   # the arch of the pixel baseline: no backbone
+
+
+def pixel_classifier(num_classes, res):
+    """The linear layer on the flattened, normalised input (3 * res * res features): the linear
+    protocol's baseline without an encoder, initialised as build_classifier's fc."""
+    from moco_ray import encoders
+
+    net = encoders.Encoder(torch.nn.Flatten(), torch.nn.Linear(3 * res * res, num_classes))
     torch.nn.init.normal_(net.fc.weight, mean=0.0, std=0.01)
     torch.nn.init.zeros_(net.fc.bias)
     return net
@@ -97,17 +112,25 @@ class LinclsLoop(Loop):
 
     def build(self):
         cfg = self.cfg
-        reference, self.arch, small_stem, res = export.load_pretrained(cfg.pretrained)
-        self.net = build_classifier(self.arch, small_stem, self.info["num_classes"], res)
-        with frozen_part(self.net) as backbone:
-            missing, unexpected = backbone.load_state_dict(reference, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{cfg.pretrained}: not a {self.arch} backbone "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if cfg.features == "pixels":
+            self.arch, self.net = PIXELS, pixel_classifier(self.info["num_classes"], cfg.res)
+        else:
+            self.arch, self.net = self.pretrained_classifier()
         self.optimizer = torch.optim.SGD(self.net.fc.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scaler = precision.grad_scaler(cfg.precision, self.device.type)
         self.channels_last = cfg.channels_last == "true"
+
+    def pretrained_classifier(self):
+        """(arch, the classifier with the pretrained backbone loaded)."""
+        reference, arch, small_stem, res = export.load_pretrained(self.cfg.pretrained)
+        net = build_classifier(arch, small_stem, self.info["num_classes"], res)
+        with frozen_part(net) as backbone:
+            missing, unexpected = backbone.load_state_dict(reference, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{self.cfg.pretrained}: not a {arch} backbone "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return arch, net
 
     def load_state(self, state, shard):
         self.net.fc.load_state_dict({k[3:]: v for k, v in state["model"].items() if k.startswith("fc.")})
@@ -172,6 +195,8 @@ class LinclsLoop(Loop):
         Returns the names that differ on any rank (empty when it holds)."""
         import torch.distributed as dist
 
+        if self.arch == PIXELS:   # no backbone to change
+            return []
         reference = export.load_backbone(self.cfg.pretrained)[0]
         with frozen_part(self.net) as backbone:
             changed = changed_tensors(backbone, reference)
@@ -239,6 +264,9 @@ def build_parser():
     return p
 
 
+RANDOM_INIT = "random_init.pt"   # the random-init baseline's export, in its run directory
+
+
 def random_init_export(path, pretrained, seed):
     """Write an export of a randomly initialised encoder of the pretrained one's architecture
     (seeded, initialised as pretraining initialises its encoder) to `path`: `torchvision` for a
@@ -265,13 +293,18 @@ def check_res(pretrained, res):
                             f"use --set res={pretrained.res}")
 
 
-def baseline_run(args, cfg, storage_path, name):
-    """(args, config, name) of the random-init baseline of run `name`: continued with it, if it exists."""
-    baseline = name + "-random"
-    args = argparse.Namespace(**{**vars(args), "name": baseline, "resume": "auto" if args.resume else None})
-    random = config.apply_overrides(cfg, {"random_baseline": False,
-                                     "pretrained": str(storage_path / baseline / "random_init.pt")})
-    return args, random, baseline
+def baseline_runs(args, cfg, storage_path, name):
+    """[(args, config, name)] of the baselines of run `name` the config asks for (random init:
+    NAME-random, pixels: NAME-pixels), each continued with its run if it exists."""
+    runs, off = [], {"random_baseline": False, "pixel_baseline": False}
+    for wanted, suffix, overrides in (
+            (cfg.random_baseline, "-random", {"pretrained": str(storage_path / (name + "-random") / RANDOM_INIT)}),
+            (cfg.pixel_baseline, "-pixels", {"features": "pixels"})):
+        if wanted:
+            b_args = argparse.Namespace(**{**vars(args), "name": name + suffix,
+                                           "resume": "auto" if args.resume else None})
+            runs.append((b_args, config.apply_overrides(cfg, {**off, **overrides}), name + suffix))
+    return runs
 
 
 def evaluate_encoder(args, run, use_gpu):
@@ -301,8 +334,8 @@ def main(argv=None):
         # every worker and every restart reads the same checkpoint, whatever the run directory gets later
         cfg = config.apply_overrides(run.cfg, {"pretrained": str(export.find_checkpoint(run.cfg.pretrained))})
         check_res(export.load_pretrained(cfg.pretrained), cfg.res)  # readable, before Ray starts
-        if cfg.random_baseline:
-            b_args, b_cfg, b_name = baseline_run(args, cfg, run.storage_path, run.name)
+        baselines = baseline_runs(args, cfg, run.storage_path, run.name)
+        for b_args, b_cfg, _ in baselines:
             launch.run_dir_name(b_args, run.storage_path, b_cfg)   # refused now, not after the first run
         use_gpu = launch.connect(args)
         cfg = config.for_device(cfg, cuda=use_gpu)
@@ -311,8 +344,9 @@ def main(argv=None):
         return 2
 
     runs = [(run.name, *evaluate_encoder(args, replace(run, cfg=cfg), use_gpu))]
-    if cfg.random_baseline and runs[0][1].get(EVENT) != Event.FAILED:
-        random_init_export(b_cfg.pretrained, cfg.pretrained, cfg.seed)
+    for b_args, b_cfg, b_name in baselines if runs[0][1].get(EVENT) != Event.FAILED else ():
+        if b_cfg.features == "encoder":
+            random_init_export(b_cfg.pretrained, cfg.pretrained, cfg.seed)
         baseline = replace(run, user_cfg=b_cfg, cfg=config.for_device(b_cfg, cuda=use_gpu), name=b_name)
         runs.append((b_name, *evaluate_encoder(b_args, baseline, use_gpu)))
     print("\n[moco_ray] linear evaluation")

@@ -50,7 +50,7 @@ def test_lincls_presets_are_the_papers_protocol():
         (30.0, 0.9, 0.0, 100, (60, 80), "step")
     assert (cfg.batch_size, cfg.res, cfg.crop_min) == (256, 224, 0.08)
     demo = C.preset("demo", C.LinclsConfig)
-    assert demo.random_baseline and demo.lr == 30.0 and demo.crop_min == 0.08
+    assert demo.random_baseline and demo.pixel_baseline and demo.lr == 30.0 and demo.crop_min == 0.08
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -154,3 +154,22 @@ def test_report_of_a_linear_evaluation_plots_top1_and_names_the_best(tmp_path):
     text = (out / "summary.md").read_text()
     assert "| linear top-1 | 65.00 % at epoch 4 (top-5 85.00 %), best 70.00 % at epoch 2 |" in text
     assert "kNN top-1" not in text and "lincls_top1.png" in text
+
+
+def test_pixel_baseline_trains_the_same_protocol_on_flattened_pixels(ray_session, digits, tmp_path, capsys):
+    """pixel_baseline: after the run, run NAME-pixels trains the same linear layer on the 3 x res x res
+    input pixels, and the summary prints its top-1 beside the encoder's."""
+    pretrained = pretraining_checkpoint(tmp_path / "pre", digits)
+    args = ["--pretrained", str(pretrained), "--storage-path", str(tmp_path), "--name", "lin",
+            "--set", f"data={digits['train']}", "--set", f"val_data={digits['val']}", "--set", "res=16",
+            "--set", "batch_size=64", "--set", "loader_workers=1", "--set", "metrics_port=0",
+            "--set", "report_every=5", "--set", "checkpoint_every_steps=1000", "--set", "random_baseline=false",
+            "--set", "pixel_baseline=true", "--set", "crop_min=0.5", "--set", "lr=0.1", "--set", "epochs=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "  lin\n" in out and "  lin-pixels\n" in out
+    end = read_metrics(tmp_path / "lin-pixels")[-1]
+    assert end["event"] == "end" and end["lincls_top1"] > 25, end   # the plain digits: pixels separate them
+    saved = torch.load(Path(end["checkpoint"]) / checkpoint.STATE, weights_only=False)
+    assert saved["arch"] == "pixels" and saved["model"]["fc.weight"].shape == (10, 3 * 16 * 16)
+    assert set(saved["model"]) == {"fc.weight", "fc.bias"}   # nothing but the linear layer
