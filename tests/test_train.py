@@ -21,8 +21,10 @@ def steps_of(rows):
     return [r for r in rows if r.get("event") in ("step", "epoch", "end")]
 
 
-def test_short_demo_learns_and_resumes(ray_session, digits, tmp_path, capsys):
-    # K = 2 steps of keys, so the loss starts falling within the first epochs
+def test_short_demo_lowers_the_loss_and_resumes(ray_session, digits, tmp_path, capsys):
+    # The machinery, not evidence of learning: the InfoNCE loss falls and the three kNN numbers are
+    # printed (on the plain digits raw pixels win: docs/results.md). K = 2 steps of keys, so the loss
+    # starts falling within the first epochs
     K, B, epochs = 128, 64, 5
     short = ("--set", f"K={K}", "--set", "knn_every=5", "--set", "checkpoint_every_steps=30", "--set", "report_every=2")
     assert main(tiny_run_args(digits, tmp_path, "short", "--set", f"epochs={epochs}", *short)) == 0
