@@ -729,3 +729,23 @@ def test_service_account_has_no_rights_and_no_token(objects):
             continue
         assert pod.get("serviceAccountName") == account["metadata"]["name"], where
         assert pod.get("automountServiceAccountToken") is False, where
+
+
+def test_the_v3_alternative_of_the_pretraining_job_is_a_valid_run(objects):
+    """The commented MoCo v3 alternative in 50-rayjob-pretrain.yaml: the job's entrypoint with the
+    alternative's flags in place of its own parses with the real CLI and validates at its workers."""
+    from moco_ray import config as C, launch
+    from moco_ray.train import build_parser
+
+    text = (K8S_DIR / "50-rayjob-pretrain.yaml").read_text()
+    alternative = shlex.split(re.search(r"^# v3-alternative: (.*)$", text, re.M).group(1))
+    argv = shlex.split(rayjob(objects, PRETRAIN_JOB)["spec"]["entrypoint"])[3:]
+    for flag, value in zip(alternative[::2], alternative[1::2]):
+        argv[argv.index(flag) + 1] = value
+    args = build_parser().parse_args(argv)
+    cfg = C.load(args.config, args.set)
+    assert cfg.method == "v3" and args.name == "moco-v3-r50-imagenet"
+    workers = launch.parse_workers(args.num_workers)
+    low, high = workers if isinstance(workers, tuple) else (workers, workers)
+    # the cluster's data paths do not exist here: everything else is checked
+    C.validate(C.apply_overrides(cfg, {"data": "", "knn_data": ""}), max_workers=high, min_workers=low)
