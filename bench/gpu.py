@@ -9,8 +9,10 @@ Ray, no ffcv, nothing downloaded. Images are synthetic and already on the GPU, s
 compute limit of a step: a query forward and backward plus a key forward per image pair (about 1.33x
 a supervised ResNet-50 step), the momentum update, the InfoNCE against 65,536 keys and SGD.
 
-Rows: fp32 (TF32 matmuls and convolutions), bf16 autocast, bf16 + channels_last; img/s (image pairs
-per second) and peak GPU memory, with ratios against fp32. Then the batched v2 augmentations alone
+Rows: fp32 (TF32 matmuls and convolutions), bf16 autocast, bf16 + channels_last; then MoCo v3's step
+(symmetric loss, predictor, keys of the batch) for ResNet-50 with LARS (bf16 + channels_last) and
+ViT-B/16 with AdamW (bf16); img/s (image pairs per second) and peak GPU memory, with ratios against
+the v2 fp32 row. Then the batched v2 augmentations alone
 (colour jitter, grayscale, blur of two 224 px views per image), as image pairs/s against the fastest
 step: they run on the GPU beside the step and must be several times faster so they never bound it.
 Then the checks of the CUDA path that the CPU suite can only test as decisions: host syncs per step
@@ -32,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep import manifest as M  # noqa: E402
 from moco_ray import checkpoint, data, precision, train_state  # noqa: E402
 from moco_ray.augment import augment  # noqa: E402
+from moco_ray.encoders import is_vit  # noqa: E402
+from moco_ray.optim import make_optimizer  # noqa: E402
 from moco_ray.step import MoCo  # noqa: E402
+from moco_ray.step_v3 import MoCoV3  # noqa: E402
 from moco_ray.syncs import HostSyncs  # noqa: E402
 
 MODES = (("fp32 (TF32)", "fp32", False), ("bf16", "bf16", False), ("bf16 + channels_last", "bf16", True))
@@ -53,14 +58,30 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def step_rate(args, device, mode, channels_last):
-    """Image pairs per second and peak memory of the full MoCo step in one precision."""
-    reset_peak(device)
-    torch.manual_seed(0)
+def v2_model(args, mode, channels_last):
+    """The MoCo v2 step of the rows above and its SGD."""
     model = MoCo(arch=args.arch, dim=128, K=args.K, m=0.999, T=0.2, mlp=True, bn="split", bn_splits=8,
                  precision=mode, channels_last=channels_last)
+    return model, make_optimizer("sgd", model.encoder_q.parameters(), 0.03, 0.9, 1e-4)
+
+
+def v3_model(arch, optimizer):
+    """A MoCo v3 step (its preset's MLP widths, bn=split at W=1) of `arch` and its optimizer."""
+    def build(args, mode, channels_last):
+        model = MoCoV3(arch=arch, dim=256, mlp_dim=4096, m=0.99, T=0.2 if is_vit(arch) else 1.0, res=args.res,
+                       bn="split", bn_splits=8, stop_grad_conv1=is_vit(arch), precision=mode,
+                       channels_last=channels_last)
+        trained = [p for p in model.encoder_q.parameters() if p.requires_grad]
+        return model, make_optimizer(optimizer, trained, 1e-4, 0.9, 0.1)
+    return build
+
+
+def step_rate(args, device, mode, channels_last, build=v2_model):
+    """Image pairs per second and peak memory of the full step of build's model in one precision."""
+    reset_peak(device)
+    torch.manual_seed(0)
+    model, optimizer = build(args, mode, channels_last)
     model.to(device, memory_format=precision.memory_format(channels_last))
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     scaler = precision.grad_scaler(mode, device.type)
     g = torch.Generator(device=device).manual_seed(0)
     im_q = torch.randn(args.batch, 3, args.res, args.res, device=device, generator=g)
@@ -208,10 +229,13 @@ def main():
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--v3-resnet", default="resnet50", help="the ResNet of the MoCo v3 row (LARS)")
+    p.add_argument("--v3-vit", default="vit_base", help="the ViT of the MoCo v3 row (AdamW, frozen patch projection)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (a check that it runs)")
     args = p.parse_args()
     if args.smoke:
         args.batch, args.res, args.K, args.arch, args.steps, args.warmup = 16, 32, 64, "resnet18", 1, 1
+        args.v3_resnet, args.v3_vit = "resnet18", "vit_small"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     precision.configure_backends(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -225,11 +249,18 @@ def main():
         rate, peak = step_rate(args, device, mode, channels_last)
         rows.append((label, rate, peak))
         print(f"  {label}: {rate:.1f} img/s", flush=True)
+    v3_rows, mode = [], "fp32" if device.type == "cpu" else "bf16"   # CPU: a check that it runs
+    for arch, optimizer in ((args.v3_resnet, "lars"), (args.v3_vit, "adamw")):
+        channels_last = not is_vit(arch) and device.type == "cuda"
+        label = f"v3 {arch} {mode}{'+cl' if channels_last else ''}"
+        rate, peak = step_rate(args, device, mode, channels_last, build=v3_model(arch, optimizer))
+        v3_rows.append((label, rate, peak))
+        print(f"  {label}: {rate:.1f} img/s", flush=True)
     aug = augment_rate(args, device)
 
     base = rows[0][1]
     print(f"\n{'step':<24}{'img/s':>10}{'vs fp32':>10}{'peak GiB':>11}")
-    for label, rate, peak in rows:
+    for label, rate, peak in rows + v3_rows:
         print(f"{label:<24}{rate:>10.1f}{rate / base:>9.2f}x{peak / 2**30:>11.2f}")
     best = max(rate for _, rate, _ in rows)
     print(f"{'v2 augmentations only':<24}{aug:>10.1f}{aug / base:>9.2f}x{'':>11}   "

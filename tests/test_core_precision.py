@@ -148,6 +148,7 @@ def test_gpu_benchmark_runs_without_ray_or_ffcv():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ray imported: False, ffcv imported: False" in run.stdout
     assert "bf16 + channels_last" in run.stdout and "v2 augmentations only" in run.stdout
+    assert "v3 resnet18 fp32" in run.stdout and "v3 vit_small fp32" in run.stdout, run.stdout
     assert re.search(r"host syncs per step +0\.0 ", run.stdout), run.stdout
     restored = r"restore on the device .*max \|param diff\| 0\.0e\+00; 3 steps after it: ok"
     assert re.search(restored, run.stdout), run.stdout
