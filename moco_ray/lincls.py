@@ -56,6 +56,11 @@ def build_classifier(arch, small_stem, num_classes, res=224):
         net = encoders.Encoder(backbone, torch.nn.Linear(features, num_classes))
     net.requires_grad_(False)
     net.fc.requires_grad_(True)
+    return init_fc(net)
+
+
+def init_fc(net):
+    """The paper's start of the linear layer `net.fc`: N(0, 0.01) weights, zero bias. Returns net."""
     torch.nn.init.normal_(net.fc.weight, mean=0.0, std=0.01)
     torch.nn.init.zeros_(net.fc.bias)
     return net
@@ -69,10 +74,7 @@ def pixel_classifier(num_classes, res):
     protocol's baseline without an encoder, initialised as build_classifier's fc."""
     from moco_ray import encoders
 
-    net = encoders.Encoder(torch.nn.Flatten(), torch.nn.Linear(3 * res * res, num_classes))
-    torch.nn.init.normal_(net.fc.weight, mean=0.0, std=0.01)
-    torch.nn.init.zeros_(net.fc.bias)
-    return net
+    return init_fc(encoders.Encoder(torch.nn.Flatten(), torch.nn.Linear(3 * res * res, num_classes)))
 
 
 @contextlib.contextmanager
