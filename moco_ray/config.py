@@ -1,5 +1,6 @@
 """The one typed config: flat dataclasses with the paper's names (Config: pretraining; LinclsConfig: linear
-evaluation, moco_ray.lincls), presets, --set parsing, validation.
+evaluation, moco_ray.lincls; both extend TrainOptions, their shared fields, and RunOptions, the
+bookkeeping), presets, --set parsing, validation.
 
 Everything a run needs that is not placement (workers, GPUs, storage) lives here, so the driver,
 the per-worker loop, the sweep and the checkpoint all read the same object.
@@ -39,14 +40,34 @@ class RunOptions:
 
 
 @dataclass
-class Config(RunOptions):
-    # data
-    data: str = ""                # manifest dir or ImageFolder tree; "" = the embedded dataset (data_prep.demo)
-    knn_data: str = ""            # labelled held-out split for the kNN monitor; "" = none (or the embedded val)
-    res: int = 224                # crop size
-    aug: str = "v2"               # v1 | v2 ("aug+")
+class TrainOptions(RunOptions):
+    """The fields of every training run, pretraining (Config) and linear evaluation (LinclsConfig):
+    its data and loader, the SGD schedule, the numerics. The defaults are pretraining's (the MoCo
+    paper's); LinclsConfig sets its own protocol's defaults on the fields where the two differ."""
+    data: str = ""                # training split: manifest dir or ImageFolder tree; "" = the embedded dataset
+    #                               (data_prep.demo)
+    res: int = 224                # crop size (linear evaluation's val: resize to res / 0.875, center crop)
     crop_min: float = 0.2         # smallest RandomResizedCrop area (the paper's 0.2)
     loader_workers: int = 4       # decode threads per training worker
+    batch_size: int = 256         # global B, kept across resizes
+    lr: float = 0.03              # per 256 images
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 200
+    warmup_epochs: int = 0        # linear lr warmup from 0 (moco-v3: 10 for ResNet-50, 40 for ViT)
+    schedule: str = "cosine"      # cosine | step
+    lr_steps: tuple = (120, 160)  # epochs at which the step schedule divides lr by 10
+    seed: int = 0
+    max_steps: int = 0            # stop after this many optimizer steps; 0 = run all epochs
+    precision: str = "auto"       # fp32 | bf16 | fp16 (autocast of the encoders, or of lincls's frozen
+    #                               backbone); auto = bf16 on CUDA, fp32 on CPU
+    channels_last: str = "auto"   # true | false; auto = true on CUDA
+
+
+@dataclass
+class Config(TrainOptions):
+    knn_data: str = ""            # labelled held-out split for the kNN monitor; "" = none (or the embedded val)
+    aug: str = "v2"               # v1 | v2 ("aug+")
     # model (MoCo paper names)
     method: str = "moco"          # moco (v1/v2: by mlp and aug) | v2plus (v2, symmetric loss) | v3
     arch: str = "resnet50"        # torchvision ResNet or ViT, vit_small/vit_base (moco-v3's), timm:NAME
@@ -64,24 +85,12 @@ class Config(RunOptions):
     bn_splits: int = 8            # sub-batches for split-BN (W == 1)
     # optimisation
     optimizer: str = "sgd"        # sgd | lars | adamw
-    batch_size: int = 256         # global B, kept across resizes
     # The most images one worker puts through the encoders at once; 0 = no limit. A local batch
     # b = B // W above it (after a shrink to fewer workers) is taken in equal micro-batches with the
     # same global batch, queue and loss (BN statistics per micro-batch). Size it as the largest b
     # whose step fits in the GPU's memory for the run's arch, res and precision: `python
     # bench/gpu.py --arch A --res R --batch b` on one GPU (resnet50, 224 px, bf16: see docs/design.md).
     max_batch_per_worker: int = 0
-    lr: float = 0.03              # per 256 images
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    epochs: int = 200
-    warmup_epochs: int = 0        # linear lr warmup from 0 (moco-v3: 10 for ResNet-50, 40 for ViT)
-    schedule: str = "cosine"      # cosine | step
-    lr_steps: tuple = (120, 160)  # epochs at which the step schedule divides lr by 10
-    seed: int = 0
-    max_steps: int = 0            # stop after this many optimizer steps; 0 = run all epochs
-    precision: str = "auto"       # fp32 | bf16 | fp16 (autocast of the encoders); auto = bf16 on CUDA, fp32 on CPU
-    channels_last: str = "auto"   # true | false; auto = true on CUDA
     # monitoring and checkpoints
     knn_every: int = 10           # epochs; 0 = never
     knn_k: int = 200
@@ -91,27 +100,18 @@ class Config(RunOptions):
 
 
 @dataclass
-class LinclsConfig(RunOptions):
+class LinclsConfig(TrainOptions):
     """Linear classification on frozen features (the paper's protocol, the authors' main_lincls.py).
-    The defaults are the paper's ImageNet protocol."""
+    The defaults are the paper's ImageNet protocol: the fields below set the ones that differ from
+    pretraining's (TrainOptions)."""
     pretrained: str = ""          # pretraining checkpoint dir, run dir (its newest valid checkpoint), or an export
-    data: str = ""                # labelled training split; "" = the embedded dataset (data_prep.demo)
     val_data: str = ""            # labelled validation split; "" = the embedded dataset's val split
-    res: int = 224                # crop size (validation: resize to res / 0.875, center crop)
-    crop_min: float = 0.08        # smallest RandomResizedCrop area (torchvision's default)
-    loader_workers: int = 4       # decode threads per worker
-    batch_size: int = 256         # global B, kept across resizes
-    lr: float = 30.0              # per 256 images
-    momentum: float = 0.9
+    crop_min: float = 0.08        # torchvision's default
+    lr: float = 30.0
     weight_decay: float = 0.0
     epochs: int = 100
-    warmup_epochs: int = 0        # linear lr warmup from 0
-    schedule: str = "step"        # cosine | step
-    lr_steps: tuple = (60, 80)    # epochs at which the step schedule divides lr by 10
-    seed: int = 0
-    max_steps: int = 0            # stop after this many optimizer steps; 0 = run all epochs
-    precision: str = "auto"       # fp32 | bf16 | fp16 (autocast of the frozen backbone); auto = bf16 on CUDA
-    channels_last: str = "auto"   # true | false; auto = true on CUDA
+    schedule: str = "step"
+    lr_steps: tuple = (60, 80)
     eval_every: int = 1           # epochs between top-1/top-5 on val_data (and always after the last)
     random_baseline: bool = False # then the same protocol on a randomly initialised encoder (run NAME-random)
     pixel_baseline: bool = False  # then the same protocol on the flattened input pixels (run NAME-pixels)
