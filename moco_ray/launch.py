@@ -38,26 +38,35 @@ def max_workers(workers):
     return workers[1] if isinstance(workers, tuple) else workers
 
 
-def add_run_arguments(p, presets):
-    """The options of every CLI that runs a TorchTrainer (moco_ray.train, moco_ray.lincls)."""
-    p.add_argument("--config", default="demo", help=f"preset ({', '.join(presets)}) or a YAML file")
+def add_run_arguments(p, presets, what="run"):
+    """The options of every CLI that runs TorchTrainers, declared once: moco_ray.train and
+    moco_ray.lincls (what="run": one run on --num-workers workers) and tune.sweep (what="sweep": a
+    run per trial, each on the sweep's own --workers-per-trial)."""
+    sweep = what == "sweep"
+    p.add_argument("--config", default="demo",
+                   help=f"{'base config: ' if sweep else ''}preset ({', '.join(presets)}) or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set T=0.2 (repeatable)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
+                   help="Ray cluster address (default: start a local Ray)" if sweep else
+                   "Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`; else start a local Ray)")
+    p.add_argument("--max-failures", type=int, default=1 if sweep else 3,
+                   help="worker-group failures a run survives (a sweep: each trial's run)")
+    p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
+    stored = "sweeps, their trials' runs" if sweep else "runs"
+    p.add_argument("--storage-path", default="~/moco_ray_runs",
+                   help=f"where {stored}, checkpoints and metrics are stored: a local path, or on a cluster a "
+                        "URI of any pyarrow filesystem (s3://bucket/runs, gs://..., abfs://...) or a path every "
+                        "node mounts")
+    p.add_argument("--name", default=None, help=f"{what} name (default: {'sweep-' if sweep else ''}CONFIG-TIMESTAMP)")
+    rundir.add_arguments(p, what, allow_change=not sweep)
+    if sweep:
+        return
     p.add_argument("--num-workers", default="2", help="N, or MIN:MAX for elastic training (default 2)")
-    p.add_argument("--max-failures", type=int, default=3, help="worker-group failures to survive")
     p.add_argument("--resize-interval-s", type=float, default=60.0,
                    help="with MIN:MAX, how often Ray checks whether the group can grow")
-    p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
-    p.add_argument("--storage-path", default="~/moco_ray_runs",
-                   help="where runs, checkpoints and metrics are stored: a local path, or on a cluster a "
-                        "URI of any pyarrow filesystem (s3://bucket/runs, gs://..., abfs://...) or a "
-                        "path every node mounts")
-    p.add_argument("--name", default=None, help="run name (default: CONFIG-TIMESTAMP)")
     p.add_argument("--log-to", default=None, metavar="tensorboard,mlflow,wandb",
                    help="trackers that get the run's records (config key log_to; default none)")
-    rundir.add_arguments(p)
 
 
 def resolve_data(cfg, splits=("data", "knn_data")):

@@ -24,14 +24,16 @@ CONFIG_FILE = "run_config.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 
 
-def add_arguments(parser, what="run"):
-    """--resume [auto] and --allow-change, for any CLI whose runs live in STORAGE/NAME."""
+def add_arguments(parser, what="run", allow_change=True):
+    """--resume [auto] and --allow-change, for any CLI whose runs live in STORAGE/NAME (a sweep's
+    continuation changes nothing: allow_change=False)."""
     parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
                         metavar="auto",
                         help=f"continue the {what} --name (default: the newest {what}); `--resume auto`: "
                              f"continue it if it exists, start it otherwise")
-    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY]",
-                        help="config keys a continuation may change, e.g. --allow-change epochs")
+    if allow_change:
+        parser.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY]",
+                            help="config keys a continuation may change, e.g. --allow-change epochs")
 
 
 def allowed_changes(values):

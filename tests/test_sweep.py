@@ -4,6 +4,7 @@ The trials train resnet18 (standard stem) at 32px on a 320-image ImageFolder sli
 digits, batch 32 (10 steps an epoch), one worker each, kNN after every epoch on 100 held-out images.
 The test session's Ray has 2 CPUs, so one trial runs at a time (1 worker CPU + the driver's 0.01).
 """
+import dataclasses
 import itertools
 import json
 import os
@@ -344,3 +345,16 @@ def test_momentum_ablation_m0_ends_below_m099(digits, tmp_path):
     df = read_results(tmp_path / "ablation").set_index("m")
     assert (df.epochs == 5).all()
     assert df.loc[0.99, "knn_top1_last"] > df.loc[0.0, "knn_top1_last"], df
+
+
+def test_spec_round_trips_through_its_json(tiny, tmp_path):
+    from moco_ray import storage
+    from tune.spec import SweepSpec
+
+    args = sweep.build_parser().parse_args(sweep_args(tiny, tmp_path, "spec", "--tau", "0.1,0.2", "--m",
+                                                      "uniform:0.9:0.99", "--K", "256,512"))
+    spec = sweep.plan(args)
+    assert spec.workers == 1 and spec.K_space.values == (256.0, 512.0) and spec.cfg.data == str(tiny["train"])
+    spec = dataclasses.replace(spec, workers=(1, 2), use_gpu=False, started_ms=7)
+    spec.save(storage.at(tmp_path))
+    assert SweepSpec.load(storage.at(tmp_path)) == spec

@@ -42,7 +42,7 @@ def baseline(rows, spec, key=BASELINE):
     """The random-init kNN top-1 of the trials (one value: they share the seed and the encoder), or
     with key=PIXELS the raw-pixel kNN top-1; None when the metric is not kNN top-1."""
     values = [r[key] for r in rows if not math.isnan(r.get(key, math.nan))]
-    if spec["metric"] != "knn_top1" or not values:
+    if spec.metric != "knn_top1" or not values:
         return None
     return sum(values) / len(values)
 
@@ -51,7 +51,7 @@ def collect(path, spec):
     """One row per trial, from the experiment state Tune stored in `path`."""
     from ray.tune import ExperimentAnalysis
 
-    metric, mode = spec["metric"], spec["mode"]
+    metric, mode = spec.metric, spec.mode
     analysis = ExperimentAnalysis(str(path))
     frames = analysis.trial_dataframes
     rows = []
@@ -66,7 +66,7 @@ def collect(path, spec):
             "trial_id": trial.trial_id,
             "tau": float(trial.config["T"]),
             "m": float(trial.config["m"]),
-            "K": int(trial.config.get("K", spec["cfg"]["K"])),
+            "K": int(trial.config.get("K", spec.cfg.K)),
             f"{metric}_best": best,
             f"{metric}_last": values[-1] if values else math.nan,
             "epochs": int(last["epoch"]) if last.get("epoch") is not None else 0,
@@ -84,13 +84,13 @@ def collect(path, spec):
 
 def best_row(rows, spec):
     """The best trial by its last value, among the trials that ran to the end (else among all)."""
-    key = f"{spec['metric']}_last"
+    key = f"{spec.metric}_last"
     scored = [r for r in rows if not math.isnan(r[key])]
     done = [r for r in scored if r["status"] == "TERMINATED" and not r["stopped_early"]]
     pool = done or scored
     if not pool:
         return None
-    sign = 1 if spec["mode"] == "max" else -1
+    sign = 1 if spec.mode == "max" else -1
     return max(pool, key=lambda r: sign * r[key])
 
 
@@ -110,8 +110,7 @@ def write_files(path, spec, rows):
     pd.DataFrame(rows).to_parquet(path / RESULTS_FILE, index=False)
     best = best_row(rows, spec)
     if best is not None:
-        cfg = config.apply_overrides(config.apply_overrides(config.Config(), spec["user_cfg"]),
-                                {"T": best["tau"], "m": best["m"], "K": best["K"]})
+        cfg = config.apply_overrides(spec.user_cfg, {"T": best["tau"], "m": best["m"], "K": best["K"]})
         config.dump(cfg, path / BEST_FILE)
     heatmap(rows, spec, path / HEATMAP_FILE)
     by_m(rows, spec, path / BY_M_FILE)
@@ -131,7 +130,7 @@ def heatmap(rows, spec, out):
     includes the random-init kNN, marked on the colour bar; each cell shows its distance to it."""
     import numpy as np
 
-    metric = spec["metric"]
+    metric = spec.metric
     key = f"{metric}_last"
     base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     taus = sorted({r["tau"] for r in rows})
@@ -139,7 +138,7 @@ def heatmap(rows, spec, out):
     values = [r[key] for r in rows if not math.isnan(r[key])] + [b for b in (base, pixels) if b is not None]
     scale = dict(vmin=min(values), vmax=max(values)) if values else {}
     fig, ax = plotting.figure(figsize=(1.4 * max(len(taus), 3) + 2, 1.0 * max(len(ms), 3) + 1.5), grid=False)
-    cmap = "viridis" if spec["mode"] == "max" else "viridis_r"
+    cmap = "viridis" if spec.mode == "max" else "viridis_r"
     if len(taus) * len(ms) <= 144:
         grid = np.full((len(ms), len(taus)), np.nan)
         stopped = np.zeros_like(grid, dtype=object)
@@ -160,7 +159,7 @@ def heatmap(rows, spec, out):
                 label, colour = "-", "black"
             else:
                 label = _cell_label(v, base) + (f"\n{stopped[i, j]}" if stopped[i, j] else "")
-                colour = "black" if (v > middle) == (spec["mode"] == "max") else "white"
+                colour = "black" if (v > middle) == (spec.mode == "max") else "white"
             ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=9)
     else:
         pts = [r for r in rows if not math.isnan(r[key])]
@@ -174,7 +173,7 @@ def heatmap(rows, spec, out):
         bar.ax.axhline(pixels, color="orange", linewidth=2)
     ax.set_xlabel("temperature tau (T)")
     ax.set_ylabel("momentum m")
-    ax.set_title(f"{spec['name']}: {metric} ({spec['mode']}), last value of each trial"
+    ax.set_title(f"{spec.name}: {metric} ({spec.mode}), last value of each trial"
                  + ("" if base is None else f"\nrandom init {base:.4g} (red on the colour bar)")
                  + ("" if pixels is None else f", raw pixels {pixels:.4g} (orange)"), fontsize=9)
     plotting.save(fig, out)
@@ -202,9 +201,9 @@ def by_K(rows, spec, out):
 def against(rows, spec, out, param, label):
     """The metric (last value; trials that differ in other parameters, and repeats, averaged)
     against `param`, placed by rank, one line per tau."""
-    key = f"{spec['metric']}_last"
+    key = f"{spec.metric}_last"
     ms = sorted({r[param] for r in rows})
-    fig, ax = plotting.figure(f"{spec['name']}: {spec['metric']} against {param}",
+    fig, ax = plotting.figure(f"{spec.name}: {spec.metric} against {param}",
                               figsize=(1.2 * max(len(ms), 4) + 2, 4), title_size=9)
     for tau in sorted({r["tau"] for r in rows}):
         xs, ys = [], []
@@ -219,7 +218,7 @@ def against(rows, spec, out, param, label):
     _baseline_lines(ax, rows, spec)
     ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms])
     ax.set_xlabel(label)
-    ax.set_ylabel(f"{spec['metric']} (last)")
+    ax.set_ylabel(f"{spec.metric} (last)")
     ax.legend(fontsize=8)
     plotting.save(fig, out)
 
@@ -227,7 +226,7 @@ def against(rows, spec, out, param, label):
 def curves(rows, spec, out):
     """Each trial's metric over epochs; kNN curves start at epoch 0 with the random-init value."""
     base = baseline(rows, spec)
-    fig, ax = plotting.figure(f"{spec['name']}: {spec['metric']} of each trial over epochs", figsize=(7, 4.5),
+    fig, ax = plotting.figure(f"{spec.name}: {spec.metric} of each trial over epochs", figsize=(7, 4.5),
                               title_size=9)
     for r in rows:
         points = ([[0, r[BASELINE]]] if base is not None and not math.isnan(r[BASELINE]) else []) + list(r["curve"])
@@ -236,7 +235,7 @@ def curves(rows, spec, out):
                     label=f"tau {r['tau']:g}, m {r['m']:g}, K {r['K']}" + (" (stopped)" if r["stopped_early"] else ""))
     _baseline_lines(ax, rows, spec)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(spec["metric"])
+    ax.set_ylabel(spec.metric)
     ax.legend(fontsize=7, ncol=2)
     plotting.save(fig, out)
 
@@ -252,17 +251,17 @@ def table(rows, spec):
 
 def summary(path, spec, rows, wall):
     best = best_row(rows, spec)
-    head = f"\n[sweep] {spec['name']}: {len(rows)} of {spec.get('trials', len(rows))} trials, wall time {wall:.0f} s"
+    head = f"\n[sweep] {spec.name}: {len(rows)} of {spec.trials} trials, wall time {wall:.0f} s"
     lines = [head, table(rows, spec)]
     if best is not None:
-        lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} K={best['K']} {spec['metric']} "
-                     f"{best[spec['metric'] + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
+        lines.append(f"[sweep] best: T={best['tau']:g} m={best['m']:g} K={best['K']} {spec.metric} "
+                     f"{best[spec.metric + '_last']:.4g}  (checkpoint {best['checkpoint'] or 'none'})")
     base, pixels = baseline(rows, spec), baseline(rows, spec, PIXELS)
     if base is not None:
-        gain = f"; best trial {best[spec['metric'] + '_last'] - base:+.2f} points" if best else ""
+        gain = f"; best trial {best[spec.metric + '_last'] - base:+.2f} points" if best else ""
         lines.append(f"[sweep] random-init kNN top-1 (the encoder before training): {base:.4g}{gain}")
     if pixels is not None:
-        gain = f"; best trial {best[spec['metric'] + '_last'] - pixels:+.2f} points" if best else ""
+        gain = f"; best trial {best[spec.metric + '_last'] - pixels:+.2f} points" if best else ""
         lines.append(f"[sweep] raw-pixel kNN top-1 (no encoder): {pixels:.4g}{gain}")
     path = storage.at(path)
     lines.append(f"[sweep] wrote {path / RESULTS_FILE}, {path / BEST_FILE}, {path / HEATMAP_FILE}, "

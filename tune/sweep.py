@@ -21,52 +21,26 @@ Results in STORAGE/NAME: results.parquet (one row per trial), best_config.yaml (
 (the metric against m and against K), curves.png.
 """
 import argparse
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from moco_ray import config, launch, storage
 from moco_ray.launch import start_ray
+from tune.spec import SPEC_FILE, Space, SweepSpec
 
 # Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
 METRICS = {"knn_top1": "max", "loss": "min", "accuracy": "max"}
 TRIAL_CPU = 0.01        # the trial's driver (the Tune function trainable) only waits on its TorchTrainer
-SPEC_FILE = "sweep.json"
 EXIT_INTERRUPTED = 130
 
 
 # ----------------------------------------------------------------------------------------------------
 # The search space
 # ----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Space:
-    """One hyperparameter's search space, parsed from the command line."""
-    kind: str            # grid | choice | uniform | loguniform
-    values: tuple = ()   # grid, choice
-    lo: float = 0.0      # uniform, loguniform
-    hi: float = 0.0
-
-    def to_tune(self):
-        from ray import tune
-
-        if self.kind == "grid":
-            return tune.grid_search(list(self.values))
-        if self.kind == "choice":
-            return tune.choice(list(self.values))
-        return getattr(tune, self.kind)(self.lo, self.hi)
-
-    def points(self):
-        """Values to validate: every listed value, or a range's two ends."""
-        return list(self.values) if self.values else [self.lo, self.hi]
-
-    def size(self):
-        return len(self.values) if self.kind == "grid" else 1
-
 
 def _floats(flag, text):
     items = [v.strip() for v in text.split(",")]
@@ -144,12 +118,12 @@ def _trial_dirname_creator(trial):
 
 
 def trial_cfg(base, sampled):
-    """The trial's config: the sweep's base config with T and m (and K, when swept) replaced by the
-    trial's `sampled` values."""
+    """The trial's config: the sweep's base config (a Config) with T and m (and K, when swept)
+    replaced by the trial's `sampled` values."""
     swept = {"T": float(sampled["T"]), "m": float(sampled["m"])}
     if "K" in sampled:
         swept["K"] = int(sampled["K"])
-    return config.apply_overrides(config.apply_overrides(config.Config(), base), swept)
+    return config.apply_overrides(base, swept)
 
 
 def trial_driver(sampled, spec):
@@ -159,15 +133,14 @@ def trial_driver(sampled, spec):
 
     from tune.callbacks import FreshMetricCallback
 
-    cfg = trial_cfg(spec["cfg"], sampled)
-    workers = tuple(spec["workers"]) if isinstance(spec["workers"], list) else spec["workers"]
-    config.validate(cfg, launch.max_workers(workers))
-    trial_dir = storage.at(spec["experiment_path"]) / trial_dirname(ray.tune.get_context().get_trial_id(), sampled)
+    cfg = trial_cfg(spec.cfg, sampled)
+    config.validate(cfg, launch.max_workers(spec.workers))
+    trial_dir = storage.at(spec.experiment_path) / trial_dirname(ray.tune.get_context().get_trial_id(), sampled)
     # Same storage path and name when Tuner.restore restarts the trial: Ray Train then resumes the run
     # from its latest checkpoint.
     trainer = launch.make_trainer(
-        cfg, workers, spec["use_gpu"], trial_dir, "train", max_failures=spec["max_failures"],
-        callbacks=[FreshMetricCallback(spec["metric"], cfg.knn_every)])
+        cfg, spec.workers, spec.use_gpu, trial_dir, "train", max_failures=spec.max_failures,
+        callbacks=[FreshMetricCallback(spec.metric, cfg.knn_every)])
     trainer.fit()
 
 
@@ -185,9 +158,7 @@ def make_trainable(spec):
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo", help="base config: preset (demo, moco-v1, moco-v2) or YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the base config, e.g. --set epochs=4 (repeatable)")
+    launch.add_run_arguments(p, config.PRESETS, what="sweep")
     p.add_argument("--tau", default=None, help="temperatures T: 0.07,0.2 | choice:.. | loguniform:LO:HI")
     p.add_argument("--m", default=None, help="momenta m: 0.99,0.999 | choice:.. | uniform:LO:HI")
     p.add_argument("--K", default=None, help="queue sizes K: 1024,4096 | choice:.. (default: the config's K)")
@@ -203,16 +174,7 @@ def build_parser():
                    help="trials at once (default: as many as the cluster holds)")
     p.add_argument("--workers-per-trial", default="2",
                    help="Ray Train workers per trial: N or MIN:MAX (default 2, as moco_ray.train)")
-    p.add_argument("--max-failures", type=int, default=1, help="worker-group failures a trial survives")
     p.add_argument("--metric", default="knn_top1", help=f"what to optimise: {', '.join(METRICS)}")
-    p.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--storage-path", default=str(Path("~/moco_ray_runs").expanduser()),
-                   help="where the sweep, its trials' runs and checkpoints are stored (shared on a cluster)")
-    p.add_argument("--name", default=None, help="sweep name (default: sweep-CONFIG-TIMESTAMP)")
-    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None, metavar="auto",
-                   help="continue the interrupted sweep --name (default: the newest sweep); `--resume auto`: "
-                        "continue it if it exists (with the same arguments), start it otherwise")
     return p
 
 
@@ -246,19 +208,17 @@ def plan(args):
     path = storage_path / name
     if args.resume == "auto":
         fresh = plan(argparse.Namespace(**{**vars(args), "resume": None, "name": None}))
-        fresh.update(name=name, experiment_path=str(path))
-        return _continue_or_start(path, fresh)
+        return _continue_or_start(path, replace(fresh, name=name, experiment_path=str(path)))
     if args.resume:
         given = [f for f, v in (("--tau", args.tau), ("--m", args.m), ("--K", args.K), ("--set", args.set)) if v]
         if given:
             raise config.ConfigError(f"--resume continues the stored sweep {name!r}; {', '.join(given)} cannot change")
-        spec = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).is_file() else None
+        spec = SweepSpec.load(path)
         from ray.tune import Tuner
 
         if spec is None or not Tuner.can_restore(str(path)):
             raise config.ConfigError(f"--resume: {path} holds no restorable sweep")
-        spec["resume"] = True
-        return spec
+        return replace(spec, resume=True)
 
     for flag, value in (("--tau", args.tau), ("--m", args.m)):
         if value is None:
@@ -287,7 +247,7 @@ def plan(args):
         for mm in m.points():
             for k in (queue.points() if queue else [cfg.K]):
                 if mm < 1:
-                    config.validate(trial_cfg(cfg.to_dict(), {"T": t, "m": mm, "K": k}), launch.max_workers(workers))
+                    config.validate(trial_cfg(cfg, {"T": t, "m": mm, "K": k}), launch.max_workers(workers))
     if args.grace_period is not None and not 1 <= args.grace_period <= cfg.epochs:
         raise config.ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {args.grace_period}")
     if args.address is None and not _ray_running():
@@ -301,15 +261,13 @@ def plan(args):
         raise config.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
     trials = num_samples * tau.size() * m.size() * (queue.size() if queue else 1)
-    return dict(
+    return SweepSpec(
         name=name, storage_path=str(storage_path), experiment_path=str(path), config=args.config,
-        set=list(args.set), cfg=resolved.to_dict(), user_cfg=cfg.to_dict(), tau=args.tau, m=args.m, K=args.K,
-        tau_space=tau.__dict__, m_space=m.__dict__, K_space=queue.__dict__ if queue else None, search=args.search,
-        num_samples=num_samples, trials=trials,
+        set=tuple(args.set), cfg=resolved, user_cfg=cfg, tau=args.tau, m=args.m, K=args.K,
+        tau_space=tau, m_space=m, K_space=queue, search=args.search, num_samples=num_samples, trials=trials,
         scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        max_concurrent=args.max_concurrent, workers=list(workers) if isinstance(workers, tuple) else workers,
-        max_failures=args.max_failures, metric=args.metric, mode=METRICS[args.metric],
-        use_gpu_flag=args.use_gpu, use_gpu=None, resume=False)
+        max_concurrent=args.max_concurrent, workers=workers, max_failures=args.max_failures,
+        metric=args.metric, mode=METRICS[args.metric], use_gpu_flag=args.use_gpu)
 
 
 # What a continuation (--resume auto) must share with the sweep it continues.
@@ -326,12 +284,12 @@ def _continue_or_start(path, fresh):
 
     if not ((path / SPEC_FILE).is_file() and Tuner.can_restore(str(path))):
         return fresh
-    stored = json.loads((path / SPEC_FILE).read_text())
-    differ = [k for k in SAME_SWEEP if rundir.plain(stored.get(k)) != rundir.plain(fresh.get(k))]
+    stored = SweepSpec.load(path)
+    differ = [k for k in SAME_SWEEP if rundir.plain(getattr(stored, k)) != rundir.plain(getattr(fresh, k))]
     if differ:
         raise config.ConfigError(f"--resume auto: sweep {path.name!r} was started with other arguments: "
-                            + ", ".join(f"{k} {stored.get(k)!r} -> {fresh.get(k)!r}" for k in differ))
-    return dict(stored, resume=True)
+                            + ", ".join(f"{k} {getattr(stored, k)!r} -> {getattr(fresh, k)!r}" for k in differ))
+    return replace(stored, resume=True)
 
 
 def _ray_running():
@@ -346,9 +304,9 @@ def _ray_running():
 def capacity(spec, total):
     """How many trials the cluster holds at once (0: not even one). `total`: the cluster's maximum
     resources."""
-    w = spec["workers"][1] if isinstance(spec["workers"], list) else spec["workers"]
+    w = launch.max_workers(spec.workers)
     cpu = total.get("CPU", 0)
-    if spec["use_gpu"]:
+    if spec.use_gpu:
         fits = [int(total.get("GPU", 0) // w), int(cpu // TRIAL_CPU + 1e-9)]
     else:
         fits = [int(cpu / (w + TRIAL_CPU) + 1e-9)]
@@ -373,33 +331,35 @@ def max_cluster_resources():
 
 
 def check_cluster(spec):
-    """After connecting, before launching trials: does one trial fit the cluster at all?"""
+    """After connecting, before launching trials: does one trial fit the cluster at all? Returns the
+    spec with its GPU choice made (--use-gpu auto: whether the cluster has GPUs; a resumed sweep
+    keeps its own) and how many trials fit at once."""
     total = max_cluster_resources()
-    if spec["use_gpu"] is None:
-        flag = spec["use_gpu_flag"]
-        spec["use_gpu"] = total.get("GPU", 0) > 0 if flag == "auto" else flag == "true"
+    if spec.use_gpu is None:
+        flag = spec.use_gpu_flag
+        spec = replace(spec, use_gpu=total.get("GPU", 0) > 0 if flag == "auto" else flag == "true")
     fits = capacity(spec, total)
     if fits < 1:
-        w = spec["workers"][1] if isinstance(spec["workers"], list) else spec["workers"]
-        need = f"{w} GPUs" if spec["use_gpu"] else f"{w + TRIAL_CPU:g} CPUs ({w} workers + the trial driver)"
-        have = f"{total.get('GPU', 0):g} GPUs" if spec["use_gpu"] else f"{total.get('CPU', 0):g} CPUs"
+        w = launch.max_workers(spec.workers)
+        need = f"{w} GPUs" if spec.use_gpu else f"{w + TRIAL_CPU:g} CPUs ({w} workers + the trial driver)"
+        have = f"{total.get('GPU', 0):g} GPUs" if spec.use_gpu else f"{total.get('CPU', 0):g} CPUs"
         raise config.ConfigError(f"--workers-per-trial {w}: a trial needs {need}, the cluster has at most {have}")
-    return fits
+    return spec, fits
 
 
 def scheduler_for(spec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if spec["scheduler"] == "fifo":
+    if spec.scheduler == "fifo":
         return FIFOScheduler()
-    cfg = spec["cfg"]
-    grace = spec["grace_period"]
+    cfg = spec.cfg
+    grace = spec.grace_period
     if grace is None:
-        knn_every = cfg["knn_every"] if spec["metric"] == "knn_top1" else 1
-        grace = min(knn_every or cfg["epochs"], cfg["epochs"])
+        knn_every = cfg.knn_every if spec.metric == "knn_top1" else 1
+        grace = min(knn_every or cfg.epochs, cfg.epochs)
     # time in epochs: the reports that reach Tune carry the number of completed epochs
-    return ASHAScheduler(time_attr="epoch", max_t=cfg["epochs"], grace_period=grace,
-                         reduction_factor=spec["reduction_factor"])
+    return ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=grace,
+                         reduction_factor=spec.reduction_factor)
 
 
 def build_tuner(spec, max_concurrent):
@@ -410,24 +370,23 @@ def build_tuner(spec, max_concurrent):
     from tune.cleanup import ReleaseOrphanedPlacementGroups
 
     trainable = make_trainable(spec)
-    if spec["resume"]:
-        return tune.Tuner.restore(spec["experiment_path"], trainable=trainable, resume_unfinished=True,
+    if spec.resume:
+        return tune.Tuner.restore(spec.experiment_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    param_space = {"T": Space(**spec["tau_space"]).to_tune(), "m": Space(**spec["m_space"]).to_tune()}
-    if spec.get("K_space"):
-        param_space["K"] = Space(**spec["K_space"]).to_tune()
+    param_space = {"T": spec.tau_space.to_tune(), "m": spec.m_space.to_tune()}
+    if spec.K_space:
+        param_space["K"] = spec.K_space.to_tune()
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec["metric"], mode=spec["mode"], scheduler=scheduler_for(spec),
-            search_alg=BasicVariantGenerator(max_concurrent=max_concurrent,
-                                             random_state=spec["cfg"]["seed"]),
-            num_samples=spec["num_samples"], trial_dirname_creator=_trial_dirname_creator),
+            metric=spec.metric, mode=spec.mode, scheduler=scheduler_for(spec),
+            search_alg=BasicVariantGenerator(max_concurrent=max_concurrent, random_state=spec.cfg.seed),
+            num_samples=spec.num_samples, trial_dirname_creator=_trial_dirname_creator),
         run_config=tune.RunConfig(
-            name=spec["name"], storage_path=spec["storage_path"], verbose=1,
+            name=spec.name, storage_path=spec.storage_path, verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[SweepProgress(spec["metric"]), ReleaseOrphanedPlacementGroups(spec["started_ms"])]),
+            callbacks=[SweepProgress(spec.metric), ReleaseOrphanedPlacementGroups(spec.started_ms)]),
     )
 
 
@@ -448,35 +407,36 @@ def main(argv=None):
     # each, idle while their TorchTrainer runs), so that a trial can use every core for its workers.
     start_ray(args.address, num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=True)
     try:
-        fits = check_cluster(spec)
+        spec, fits = check_cluster(spec)
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    max_concurrent = args.max_concurrent or spec.get("max_concurrent") or fits
-    path = storage.at(spec["experiment_path"])
-    spec.setdefault("started_ms", int(time.time() * 1000))
-    if not spec["resume"]:
-        (path / SPEC_FILE).write_text(json.dumps({k: v for k, v in spec.items() if k != "resume"}, indent=1))
-    print(f"[sweep] {'resuming' if spec['resume'] else 'starting'} {spec['name']} in {spec['storage_path']}: "
-          f"tau {spec['tau']}, m {spec['m']}, K {spec.get('K') or spec['cfg']['K']}, {spec['search']} search, "
-          f"{spec['scheduler']} on "
-          f"{spec['metric']} ({spec['mode']}), {spec['workers']} worker(s) per trial on "
-          f"{'GPU' if spec['use_gpu'] else 'CPU'}, up to {max_concurrent} at once, {spec['cfg']['epochs']} "
+    max_concurrent = args.max_concurrent or spec.max_concurrent or fits
+    path = storage.at(spec.experiment_path)
+    if spec.started_ms is None:
+        spec = replace(spec, started_ms=int(time.time() * 1000))
+    if not spec.resume:
+        spec.save(path)
+    workers = list(spec.workers) if isinstance(spec.workers, tuple) else spec.workers
+    print(f"[sweep] {'resuming' if spec.resume else 'starting'} {spec.name} in {spec.storage_path}: "
+          f"tau {spec.tau}, m {spec.m}, K {spec.K or spec.cfg.K}, {spec.search} search, {spec.scheduler} on "
+          f"{spec.metric} ({spec.mode}), {workers} worker(s) per trial on "
+          f"{'GPU' if spec.use_gpu else 'CPU'}, up to {max_concurrent} at once, {spec.cfg.epochs} "
           f"epochs each", flush=True)
 
     t0 = time.perf_counter()
-    with trackers.sweep_run(path, spec["cfg"]):   # --set log_to=mlflow: the trials' parent run
+    with trackers.sweep_run(path, spec.cfg.to_dict()):   # --set log_to=mlflow: the trials' parent run
         build_tuner(spec, max_concurrent).fit()
     wall = time.perf_counter() - t0
-    release_at_end(spec["started_ms"])
+    release_at_end(spec.started_ms)
     rows = results.collect(path, spec)
     results.write(path, spec, rows)
     print(results.summary(path, spec, rows, wall), flush=True)
     # Interrupted (Ctrl+C): trials still pending or running, or not even created yet (Tune creates
     # them lazily when the concurrency is limited).
-    if len(rows) < spec["trials"] or any(r["status"] not in ("TERMINATED", "ERROR") for r in rows):
-        print(f"[sweep] interrupted; continue with: python -m tune.sweep --resume --name {spec['name']} "
-              f"--storage-path {spec['storage_path']}", flush=True)
+    if len(rows) < spec.trials or any(r["status"] not in ("TERMINATED", "ERROR") for r in rows):
+        print(f"[sweep] interrupted; continue with: python -m tune.sweep --resume --name {spec.name} "
+              f"--storage-path {spec.storage_path}", flush=True)
         return EXIT_INTERRUPTED
     return 1 if any(r["status"] == "ERROR" for r in rows) else 0
 
