@@ -24,12 +24,13 @@ same architecture (run NAME-random), with pixel_baseline (preset demo) on the fl
 import argparse
 import contextlib
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from moco_ray import config, export, launch, precision
+from moco_ray import config, export, launch, precision, train_state
 from moco_ray.metrics import EVENT, Event
 from moco_ray.worker import Loop, _ray_train, backbone_of
 
@@ -105,11 +106,22 @@ def correct_counts(logits, labels, ks=(1, 5)):
     return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
 
 
+@dataclass
+class LinclsProgress(train_state.Progress):
+    """Linear evaluation's progress: the latest and the best validation top-1/top-5 (%), and the
+    epochs after which the sanity check held."""
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    best_top1: Optional[float] = None
+    best_epoch: Optional[int] = None
+    sanity_epochs: list = field(default_factory=list)
+
+
 class LinclsLoop(Loop):
     """The linear classifier on one worker: the frozen backbone, the DDP-wrapped fc, validation
     top-1/top-5 every eval_every epochs, the sanity check."""
 
-    PROGRESS = dict(top1=None, top5=None, best_top1=None, best_epoch=None, sanity_epochs=[])
+    progress_type = LinclsProgress
     loader_options = dict(views=1)   # one RandomResizedCrop + flip view per image
 
     def build(self):
@@ -169,7 +181,7 @@ class LinclsLoop(Loop):
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         if precision.backward_and_step(loss, self.optimizer, self.scaler):
-            self.progress["skipped_steps"] += 1
+            self.progress.skipped_steps += 1
         return loss, {"acc": 100.0 * correct_counts(logits, labels, (1,))[0] / len(labels)}, lr
 
     @torch.no_grad()
@@ -206,7 +218,7 @@ class LinclsLoop(Loop):
         if self.W > 1:
             everyone = [None] * self.W
             dist.all_gather_object(everyone, changed)
-        self.progress["sanity_epochs"] = [*self.progress["sanity_epochs"], self.progress["epoch"]]
+        self.progress.sanity_epochs = [*self.progress.sanity_epochs, self.progress.epoch]
         return sorted({name for names in everyone for name in names})
 
     def measure_due(self, epoch, last_epoch):
@@ -216,22 +228,22 @@ class LinclsLoop(Loop):
 
     def measure(self):
         p, at_end = self.progress, super().finished()
-        self.measured_step = p["step"]
-        if p["epoch"] == 1 or at_end:
+        self.measured_step = p.step
+        if p.epoch == 1 or at_end:
             changed = self.sanity_check()
             if changed:
                 self.failure = (f"sanity check failed: {len(changed)} backbone tensors changed by epoch "
-                                f"{p['epoch']} ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})")
+                                f"{p.epoch} ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})")
                 return
-        if at_end or self.cfg.eval_every and p["epoch"] % self.cfg.eval_every == 0:
-            p["top1"], p["top5"] = self.evaluate()
-            if p["best_top1"] is None or p["top1"] > p["best_top1"]:
-                p["best_top1"], p["best_epoch"] = p["top1"], p["epoch"]
+        if at_end or self.cfg.eval_every and p.epoch % self.cfg.eval_every == 0:
+            p.top1, p.top5 = self.evaluate()
+            if p.best_top1 is None or p.top1 > p.best_top1:
+                p.best_top1, p.best_epoch = p.top1, p.epoch
 
     def measures(self):
         p = self.progress
-        return {"lincls_top1": p["top1"], "lincls_top5": p["top5"], "lincls_best_top1": p["best_top1"],
-                "lincls_best_epoch": p["best_epoch"], "sanity_checked_epochs": p["sanity_epochs"]}
+        return {"lincls_top1": p.top1, "lincls_top5": p.top5, "lincls_best_top1": p.best_top1,
+                "lincls_best_epoch": p.best_epoch, "sanity_checked_epochs": p.sanity_epochs}
 
     failure = None   # the sanity check's message once it failed
 
@@ -241,12 +253,12 @@ class LinclsLoop(Loop):
     def end(self):
         """The end of the run; after a failed sanity check, a "failed" record and no checkpoint (the
         newest one is from before the failure)."""
-        if self.measured_step != self.progress["step"]:
+        if self.measured_step != self.progress.step:
             self.measure()
         if self.failure is None:
             return super().end()
-        failed = {EVENT: Event.FAILED, "error": self.failure, "step": self.progress["step"],
-                  "epoch": self.progress["epoch"]}
+        failed = {EVENT: Event.FAILED, "error": self.failure, "step": self.progress.step,
+                  "epoch": self.progress.epoch}
         if self.publisher:
             self.publisher.send(failed)
             self.publisher.drain()

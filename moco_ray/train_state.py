@@ -7,7 +7,30 @@ restore with map_location to that device. optimizer.load_state_dict casts the st
 parameter is at load time, and module.to(device) keeps the same Parameter objects (it replaces
 their .data), so state loaded before the move stays behind and the first step mixes devices.
 """
+import dataclasses
+from dataclasses import dataclass
+
 from moco_ray import checkpoint
+
+
+@dataclass
+class Progress:
+    """Where a worker's run stands; every rank keeps its own copy, and rank 0's is checkpointed (the
+    state's "progress", as a dict). A loop extends it with what it measures."""
+    step: int = 0                # optimizer steps taken
+    epoch: int = 0               # epochs completed
+    samples_in_epoch: int = 0    # global samples of the current epoch consumed: where the loader starts
+    starts: int = 0              # worker-group starts of this run (restarts = starts - 1)
+    skipped_steps: int = 0       # fp16 steps skipped for inf/nan gradients
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved):
+        """The progress a checkpoint holds; fields it lacks keep their initial values."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 def unwrapped(module):

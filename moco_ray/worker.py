@@ -25,6 +25,8 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -135,7 +137,7 @@ class Loop:
     its checkpoints hold (state_dict, load_state, queue_state) and what it measures (measure,
     measure_due, measures)."""
 
-    PROGRESS = {}        # the subclass's own progress fields (checkpointed) and their initial values
+    progress_type = train_state.Progress   # where the run stands (checkpointed): a subclass adds its measures
     aug = None           # the colour augmentation of the training views (moco_ray.augment)
     queue_size = None    # K when every rank checkpoints a queue shard
     loader_options = {}  # the subclass's make_train_loader options (views, raw_k)
@@ -158,12 +160,12 @@ class Loop:
         self.n = self.info["n"]
 
         torch.manual_seed(cfg.seed)
-        self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=0, skipped_steps=0, **self.PROGRESS)
+        self.progress = self.progress_type()
         self.run_dir = run_dir
         self.resumed_from = self.build_and_restore()
-        self.progress["starts"] += 1
+        self.progress.starts += 1
         self.group = self._group_number()
-        torch.manual_seed(cfg.seed * 1_000_003 + self.progress["step"] * 1009 + self.rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + self.progress.step * 1009 + self.rank)
 
         self.steps_per_epoch = self.n // self.B
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -236,7 +238,7 @@ class Loop:
         state, shard, _ = checkpoint.load(path, self.rank, self.W, self.queue_size, self.device)
         self.load_state(state, shard)
         train_state.check_placement(self.optimizer)
-        self.progress.update(state["progress"])
+        self.progress = self.progress_type.from_dict(state["progress"])
         return path
 
     def choose_checkpoint(self):
@@ -260,14 +262,14 @@ class Loop:
         """This group's number in its checkpoints' names: above every one in the run directory (rank
         0 decides), else the number of starts."""
         if not self.run_dir:
-            return self.progress["starts"]
+            return self.progress.starts
         return checkpoint.agreed(lambda: checkpoint.next_group(self.run_dir), self.rank, self.W)
 
     # ------------------------------------------------------------------------------------------------
 
     def start(self):
         p = self.progress
-        start = {EVENT: Event.START, "world_size": self.W, "step": p["step"], "epoch": p["epoch"],
+        start = {EVENT: Event.START, "world_size": self.W, "step": p.step, "epoch": p.epoch,
                  "resumed_from": self.resumed_from, "batch_effective": self.B,
                  "total_steps": self.total_steps, **self.measures(), "config": self.cfg.to_dict()}
         if self.publisher:  # first, so the driver sees it before this segment's step records
@@ -275,37 +277,37 @@ class Loop:
         _ray_train().report(start)
 
     def finished(self):
-        return self.progress["epoch"] >= self.cfg.epochs or self.progress["step"] >= self.total_steps
+        return self.progress.epoch >= self.cfg.epochs or self.progress.step >= self.total_steps
 
     def train_epoch(self):
         """The rest of the current epoch; False when max_steps stopped it before the epoch's end."""
         from moco_ray import data
 
         cfg, p = self.cfg, self.progress
-        epoch = p["epoch"]
+        epoch = p.epoch
         loader = data.make_train_loader(
-            cfg.data, seed=cfg.seed, epoch=epoch, start=p["samples_in_epoch"], batch_per_worker=self.b,
+            cfg.data, seed=cfg.seed, epoch=epoch, start=p.samples_in_epoch, batch_per_worker=self.b,
             rank=self.rank, world_size=self.W, res=cfg.res, aug=self.aug, device=self.device,
             num_workers=cfg.loader_workers, crop_min=cfg.crop_min, **self.loader_options)
         t_end = time.perf_counter()
         for batch in loader:   # (view q, view k, label, sample id)
             t_data = time.perf_counter()
-            loss, stats, lr = self.step(batch, epoch + p["samples_in_epoch"] / self.n)
+            loss, stats, lr = self.step(batch, epoch + p.samples_in_epoch / self.n)
             if self.sample_log:
-                self.sample_log.write(epoch, p["step"], batch[-1])
-            p["step"] += 1
-            p["samples_in_epoch"] += self.B
+                self.sample_log.write(epoch, p.step, batch[-1])
+            p.step += 1
+            p.samples_in_epoch += self.B
             self.images_seen += self.b
             t_step = time.perf_counter()
             self.record(loss, stats, lr, epoch, t_step - t_end, t_data - t_end)
             t_end = t_step
-            done = p["step"] >= self.total_steps
-            epoch_ends = p["samples_in_epoch"] + self.B > self.n
-            if not (done or epoch_ends) and self.saves.due(p["step"]):
+            done = p.step >= self.total_steps
+            epoch_ends = p.samples_in_epoch + self.B > self.n
+            if not (done or epoch_ends) and self.saves.due(p.step):
                 self.save(self.last)
             if done:
                 break
-        return p["samples_in_epoch"] + self.B > self.n
+        return p.samples_in_epoch + self.B > self.n
 
     def set_lr(self, epochs_done):
         lr = learning_rate(self.cfg, self.B, epochs_done)
@@ -332,20 +334,20 @@ class Loop:
         report_every=0 Prometheus shows no loss, accuracy or queue age."""
         p = self.progress
         host = {
-            EVENT: Event.STEP, "step": p["step"], "epoch": epoch, "samples_in_epoch": p["samples_in_epoch"],
+            EVENT: Event.STEP, "step": p.step, "epoch": epoch, "samples_in_epoch": p.samples_in_epoch,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "lr": lr, "images": self.images_seen,
             "step_time_s": step_time, "data_wait_s": data_wait,
             "data_wait_share": data_wait / max(step_time, 1e-9),
             "images_per_s": self.images_seen * self.W / (time.perf_counter() - self.t_run),
-            "batch_effective": self.B, "world_size": self.W, "restarts": p["starts"] - 1,
-            "skipped_steps": p["skipped_steps"], **self.measures(),
+            "batch_effective": self.B, "world_size": self.W, "restarts": p.starts - 1,
+            "skipped_steps": p.skipped_steps, **self.measures(),
             "rss_bytes": rss_bytes(),
         }
         if self.device.type == "cuda":
             host["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
         self._last = LazyRecord(host, {"loss": loss.detach(), "accuracy": stats["acc"]}, self.step_fields)
-        if not due(p["step"], self.cfg.report_every):
+        if not due(p.step, self.cfg.report_every):
             if self.meter:
                 self.meter.update(host)
             return
@@ -359,23 +361,23 @@ class Loop:
         epoch-end checkpoint when the save schedule says so or a measurement ran (its result reaches
         Ray, and Tune's schedulers, only with a checkpoint)."""
         p = self.progress
-        p["epoch"] += 1
-        p["samples_in_epoch"] = 0
-        self.last["epoch"] = p["epoch"]
-        measured = self.measure_due(p["epoch"], last_epoch=p["epoch"] >= self.cfg.epochs)
+        p.epoch += 1
+        p.samples_in_epoch = 0
+        self.last["epoch"] = p.epoch
+        measured = self.measure_due(p.epoch, last_epoch=p.epoch >= self.cfg.epochs)
         if measured:
             self.measure()
             self.last.update(self.measures())
             if self.meter:
                 self.meter.update(self.last)
-        if not self.finished() and (self.saves.due(p["step"], epoch_end=True) or measured):
+        if not self.finished() and (self.saves.due(p.step, epoch_end=True) or measured):
             self.save({**self.last, EVENT: Event.EPOCH})
 
     def end(self):
         p = self.progress
-        if self.measured_step != p["step"]:
+        if self.measured_step != p.step:
             self.measure()
-        final = {**self.last, EVENT: Event.END, "epoch": p["epoch"], "step": p["step"], **self.measures(),
+        final = {**self.last, EVENT: Event.END, "epoch": p.epoch, "step": p.step, **self.measures(),
                  "train_s": time.perf_counter() - self.t_run}
         if self.publisher:
             self.publisher.drain()  # the step records go before the end record
@@ -389,8 +391,8 @@ class Loop:
         """A sharded checkpoint (collective: every rank writes its part) reported to Ray with
         `metrics`; the run log gets the record, with the checkpoint's path, from the controller."""
         p = self.progress
-        meta = {k: p[k] for k in ("step", "epoch", "samples_in_epoch")}
-        state = {**self.state_dict(), "progress": dict(p), "config": self.cfg.to_dict(), "seed": self.cfg.seed,
+        meta = {"step": p.step, "epoch": p.epoch, "samples_in_epoch": p.samples_in_epoch}
+        state = {**self.state_dict(), "progress": p.to_dict(), "config": self.cfg.to_dict(), "seed": self.cfg.seed,
                  "world_size": self.W}
         ray_train = _ray_train()
         if self.sample_log:   # the audit holds every step this checkpoint covers
@@ -399,7 +401,7 @@ class Loop:
             seconds = checkpoint.save(tmp, self.rank, self.W, state, self.queue_state(), meta)
             ray_train.report(dict(metrics, checkpoint_save_s=seconds),
                              checkpoint=ray_train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint.dir_name(p["step"], self.group))
+                             checkpoint_dir_name=checkpoint.dir_name(p.step, self.group))
         self.saves.saved()
 
     def queue_state(self):
@@ -411,10 +413,19 @@ class Loop:
         return {}
 
 
+@dataclass
+class PretrainProgress(train_state.Progress):
+    """Pretraining's progress: kNN top-1 (%) of the query encoder, of the encoder at its random
+    initialisation and of the raw pixels (None before the first, or without knn_data)."""
+    knn_pixels_top1: Optional[float] = None
+    knn_init_top1: Optional[float] = None
+    knn_top1: Optional[float] = None
+
+
 class PretrainLoop(Loop):
     """MoCo pretraining on one worker: model, optimizer, loss scaler, queue shard, kNN monitor."""
 
-    PROGRESS = dict(knn_pixels_top1=None, knn_init_top1=None, knn_top1=None)
+    progress_type = PretrainProgress
     loader_options = dict(raw_k=True)   # view k augmented in the step, after the shuffle
 
     def build(self):
@@ -453,10 +464,10 @@ class PretrainLoop(Loop):
 
     def start(self):
         p = self.progress
-        if p["knn_init_top1"] is None and p["step"] == 0:
-            p["knn_init_top1"] = self.monitor()
-        if p["knn_pixels_top1"] is None:   # no encoder: the same at any step, so also after a resume
-            p["knn_pixels_top1"] = self.monitor(pixels=True)
+        if p.knn_init_top1 is None and p.step == 0:
+            p.knn_init_top1 = self.monitor()
+        if p.knn_pixels_top1 is None:   # no encoder: the same at any step, so also after a resume
+            p.knn_pixels_top1 = self.monitor(pixels=True)
         super().start()
 
     def step(self, batch, epochs_done):
@@ -471,20 +482,20 @@ class PretrainLoop(Loop):
         lr = self.set_lr(epochs_done)
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.method == "moco":
-            loss, stats = self.model(im_q, im_k, self.progress["step"], aug_k=lambda x: augment(x, self.cfg.aug),
+            loss, stats = self.model(im_q, im_k, self.progress.step, aug_k=lambda x: augment(x, self.cfg.aug),
                                      micro=micro_batches(self.b, self.cfg.max_batch_per_worker),
                                      backward=lambda part: self.scaler.scale(part).backward())
         else:   # v2+ and v3 feed both views to both encoders: view k is augmented before the step
-            loss, stats = self.model(im_q, augment(im_k, self.cfg.aug), self.progress["step"])
+            loss, stats = self.model(im_q, augment(im_k, self.cfg.aug), self.progress.step)
         if precision.backward_and_step(loss, self.optimizer, self.scaler):
-            self.progress["skipped_steps"] += 1
+            self.progress.skipped_steps += 1
         return loss, stats, lr
 
     def step_fields(self):
         if self.model.queue is None:
             return {"m": self.model.m}
         return {"queue_keys": len(self.model.queue),
-                "queue_age_steps": queue_age(self.model.queue, self.progress["step"]),
+                "queue_age_steps": queue_age(self.model.queue, self.progress.step),
                 "m": self.model.m}
 
     def measure_due(self, epoch, last_epoch):
@@ -493,10 +504,11 @@ class PretrainLoop(Loop):
         return bool(every) and (epoch % every == 0 or last_epoch)
 
     def measure(self):
-        self.progress["knn_top1"], self.measured_step = self.monitor(), self.progress["step"]
+        self.progress.knn_top1, self.measured_step = self.monitor(), self.progress.step
 
     def measures(self):
-        return {key: self.progress[key] for key in ("knn_top1", "knn_init_top1", "knn_pixels_top1")}
+        p = self.progress
+        return {"knn_top1": p.knn_top1, "knn_init_top1": p.knn_init_top1, "knn_pixels_top1": p.knn_pixels_top1}
 
     def monitor(self, pixels=False):
         """kNN top-1 (%) of the query encoder's backbone (pixels: of the raw input pixels, the

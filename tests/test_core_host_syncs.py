@@ -28,7 +28,7 @@ class RayFreeWorker(PretrainLoop):
         torch.manual_seed(cfg.seed)
         self.build()
         self.encoder_q = self.model.encoder_q
-        self.progress = dict(step=0, epoch=0, samples_in_epoch=0, starts=1, skipped_steps=0, **self.PROGRESS)
+        self.progress = self.progress_type(starts=1)
         self.meter, self.publisher = meter, None
         self.images_seen, self.t_run, self.last, self.measured_step = 0, time.perf_counter(), {}, None
 
@@ -36,9 +36,9 @@ class RayFreeWorker(PretrainLoop):
         """What Loop.train_epoch does around one step."""
         p = self.progress
         im_q, im_k = (augment(v, self.cfg.aug) for v in views)
-        loss, stats, lr = self.step((im_q, im_k, None, None), p["samples_in_epoch"] / self.n)
-        p["step"] += 1
-        p["samples_in_epoch"] += self.B
+        loss, stats, lr = self.step((im_q, im_k, None, None), p.samples_in_epoch / self.n)
+        p.step += 1
+        p.samples_in_epoch += self.B
         self.images_seen += self.b
         self.record(loss, stats, lr, 0, 0.01, 0.002)
         return loss

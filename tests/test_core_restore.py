@@ -56,7 +56,7 @@ class MovedToFloat64(PretrainLoop):
 def test_restore_lands_on_the_device_the_model_was_moved_to(tmp_path):
     path, saved = save_checkpoint(tmp_path, step=7, group=1)
     loop = worker_without_ray(small_cfg(), tmp_path, cls=MovedToFloat64)
-    assert loop.build_and_restore() == str(path) and loop.progress["step"] == 7
+    assert loop.build_and_restore() == str(path) and loop.progress.step == 7
     params = list(loop.encoder_q.parameters())
     assert params and all(p.dtype == torch.float64 for p in params)
     for p, buffer in zip(params, saved["optimizer"]["state"].values()):
@@ -90,7 +90,7 @@ def _resume_where_rank1_cannot_hash_the_newest(rank, world_size, run_dir, newest
         checkpoint._sha256 = failing
     loop = worker_without_ray(small_cfg(), run_dir, rank, world_size)
     path = loop.build_and_restore()
-    return path, loop.progress["step"], [t.clone() for t in loop.encoder_q.state_dict().values()]
+    return path, loop.progress.step, [t.clone() for t in loop.encoder_q.state_dict().values()]
 
 
 def test_every_rank_resumes_from_the_checkpoint_rank0_chose(tmp_path):

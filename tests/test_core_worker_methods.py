@@ -16,7 +16,7 @@ def bare_worker(cfg):
     worker = PretrainLoop.__new__(PretrainLoop)
     worker.cfg, worker.device = C.for_device(cfg, cuda=False), torch.device("cpu")
     worker.b = worker.B = cfg.batch_size
-    worker.progress = dict(step=0, skipped_steps=0)
+    worker.progress = worker.progress_type()
     torch.manual_seed(cfg.seed)
     worker.build()
     worker.encoder_q = worker.model.encoder_q
