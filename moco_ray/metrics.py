@@ -42,6 +42,12 @@ DEFAULT_PORT = 9400  # worker i on a node serves on metrics_port + local_rank i
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 float("inf"))
 
+# The kNN measurements of pretraining: record keys that the loop writes and that the driver's
+# progress, the run report, the trackers and the sweep (its default metric and baselines) read.
+KNN_TOP1 = "knn_top1"                 # the query encoder's backbone
+KNN_INIT_TOP1 = "knn_init_top1"       # the same encoder at its random initialisation, before the first step
+KNN_PIXELS_TOP1 = "knn_pixels_top1"   # the raw pixels: the baseline without an encoder
+
 VOCABULARY = [
     Metric("images", "counter", "images", "Images processed by this worker since it started",
            "moco_images"),
@@ -67,7 +73,7 @@ VOCABULARY = [
     Metric("queue_keys", "gauge", "keys", "Keys held by this worker's queue shard", "moco_queue_keys"),
     Metric("queue_age_steps", "gauge", "steps", "Age of the oldest key in this shard, in steps",
            "moco_queue_age_steps"),
-    Metric("knn_top1", "gauge", "percent", "kNN top-1 accuracy of the query encoder (NaN before the first)",
+    Metric(KNN_TOP1, "gauge", "percent", "kNN top-1 accuracy of the query encoder (NaN before the first)",
            "moco_knn_top1_percent"),
     Metric("lincls_top1", "gauge", "percent",
            "Linear-evaluation top-1 on the validation split, last evaluation (NaN before the first)",
@@ -98,7 +104,7 @@ class Event:
 
 # Progress and bookkeeping fields that every report carries besides the metrics above.
 PROGRESS_KEYS = (EVENT, "samples_in_epoch", "steps_per_epoch", "total_steps", "accuracy", "data_wait_share",
-                 "knn_init_top1", "knn_pixels_top1", "resumed_from", "checkpoint_save_s", "train_s",
+                 KNN_INIT_TOP1, KNN_PIXELS_TOP1, "resumed_from", "checkpoint_save_s", "train_s",
                  "lincls_best_epoch",
                  "sanity_checked_epochs", "error")
 

@@ -25,7 +25,7 @@ import ray
 import ray.train
 
 from moco_ray import storage
-from moco_ray.metrics import EVENT, Event
+from moco_ray.metrics import EVENT, KNN_TOP1, Event
 from moco_ray.record_parts import PartTail, PartWriter, read_records
 
 METRICS_STEM = "metrics"   # RUN_DIR/metrics.jsonl (+ metrics-00001.jsonl, ... on an object store)
@@ -66,7 +66,7 @@ def _num(v, fmt):
 
 def postfix(m):
     """loss, lr, images/s, world size, kNN (or linear) top-1 of a report, for the bar and the lines."""
-    what, top1 = ("linear top-1", m["lincls_top1"]) if "lincls_top1" in m else ("kNN", m.get("knn_top1"))
+    what, top1 = ("linear top-1", m["lincls_top1"]) if "lincls_top1" in m else ("kNN", m.get(KNN_TOP1))
     return (f"loss {_num(m.get('loss'), '.4f')} lr {_num(m.get('lr'), '.4g')} "
             f"{_num(m.get('images_per_s'), '.1f')} img/s W={m.get('world_size', '-')} "
             f"{what} {'-' if top1 is None else f'{top1:.1f}%'}")

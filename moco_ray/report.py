@@ -24,7 +24,7 @@ from pathlib import Path
 
 from moco_ray import plotting, storage
 from moco_ray.config import ConfigError
-from moco_ray.metrics import EVENT, Event
+from moco_ray.metrics import EVENT, KNN_INIT_TOP1, KNN_PIXELS_TOP1, KNN_TOP1, Event
 from moco_ray.progress import METRICS_FILE, is_step_report, read_metrics
 
 PLOTS = {
@@ -160,13 +160,13 @@ def knn_points(df, knn_every=None):
     knn_every (no config found), a changed value marks an evaluation."""
     points = {}
     starts = df[df[EVENT] == Event.START]
-    if "knn_init_top1" in df and len(starts) and _ok(starts.iloc[0].get("knn_init_top1")):
-        points[0.0] = float(starts.iloc[0]["knn_init_top1"])
-    if "knn_top1" not in df:
+    if KNN_INIT_TOP1 in df and len(starts) and _ok(starts.iloc[0].get(KNN_INIT_TOP1)):
+        points[0.0] = float(starts.iloc[0][KNN_INIT_TOP1])
+    if KNN_TOP1 not in df:
         return sorted(points.items())
     last = None
     for _, m in df[(df[EVENT] != Event.START) & df["step"].notna()].iterrows():
-        v, event = m.get("knn_top1"), m.get(EVENT)
+        v, event = m.get(KNN_TOP1), m.get(EVENT)
         if not _ok(v):
             continue
         if knn_every is None:
@@ -326,7 +326,7 @@ def summary(name, run_dir, df, c, events, knn, config, lincls=None, plots=PLOTS)
     wall = df["time"].max() - df["time"].min() if "time" in df and df["time"].notna().any() else None
     worlds = c["world_size"].dropna().astype(int)
     knn_final = knn[-1][1] if knn and knn[-1][0] > 0 else None
-    knn_init, knn_pixels = start_value(df, "knn_init_top1"), start_value(df, "knn_pixels_top1")
+    knn_init, knn_pixels = start_value(df, KNN_INIT_TOP1), start_value(df, KNN_PIXELS_TOP1)
     ckpts = df["checkpoint"].dropna() if "checkpoint" in df else []
     n_resize = sum(kind == "resize" for _, kind, _ in events)
     rows = [
@@ -398,7 +398,7 @@ def write_files(run_dir, records, out):
     plots = plots_of(df)
     lincls = lincls_points(df, (config or {}).get("eval_every")) if LINCLS_PLOT[0] in plots else None
     if lincls is None:
-        plot_knn(knn, out / "knn_top1.png", name, start_value(df, "knn_pixels_top1"))
+        plot_knn(knn, out / "knn_top1.png", name, start_value(df, KNN_PIXELS_TOP1))
     else:
         plot_lincls(lincls, out / LINCLS_PLOT[0], name)
     plot_throughput(c, world_sizes(df), events, out / "throughput.png", name)

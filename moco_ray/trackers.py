@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from moco_ray.config import ConfigError
-from moco_ray.metrics import BY_KEY, EVENT, Event
+from moco_ray.metrics import BY_KEY, EVENT, KNN_TOP1, Event
 
 PREFIX = "[moco_ray]"
 MAX_QUEUED = 1024
@@ -210,7 +210,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard.summary import hparams
 
         # The HParams tab, in this run's own event files (SummaryWriter.add_hparams opens a new run)
-        for summary in hparams(config, {BY_KEY["knn_top1"].name: math.nan}):
+        for summary in hparams(config, {BY_KEY[KNN_TOP1].name: math.nan}):
             self.writer.file_writer.add_summary(summary)
 
     def scalars(self, step, values, walltime):

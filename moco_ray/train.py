@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 
 from moco_ray import config, launch
+from moco_ray.metrics import KNN_INIT_TOP1, KNN_PIXELS_TOP1, KNN_TOP1
 
 
 def build_parser():
@@ -45,8 +46,8 @@ def main(argv=None):
     print(f"  epochs          {m.get('epoch')} / {run.cfg.epochs}")
     print(f"  steps           {m.get('step')}")
     print(f"  final loss      {fmt(m.get('loss'))}")
-    print(f"  kNN top-1       {fmt(m.get('knn_top1'))} %  (raw pixels: {fmt(m.get('knn_pixels_top1'))} %, "
-          f"random init: {fmt(m.get('knn_init_top1'))} %)")
+    print(f"  kNN top-1       {fmt(m.get(KNN_TOP1))} %  (raw pixels: {fmt(m.get(KNN_PIXELS_TOP1))} %, "
+          f"random init: {fmt(m.get(KNN_INIT_TOP1))} %)")
     print(f"  images/s        {fmt(m.get('images_per_s'))}")
     print(f"  wall time       {wall:.0f} s")
     print(f"  checkpoint      {result.checkpoint.path if result.checkpoint else 'none'}")

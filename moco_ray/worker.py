@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from moco_ray import checkpoint, config, precision, storage, train_state
-from moco_ray.metrics import EVENT, Event
+from moco_ray.metrics import EVENT, KNN_INIT_TOP1, KNN_PIXELS_TOP1, KNN_TOP1, Event
 from moco_ray.records import LazyRecord, due
 from moco_ray.sample_log import SampleLog
 
@@ -508,7 +508,7 @@ class PretrainLoop(Loop):
 
     def measures(self):
         p = self.progress
-        return {"knn_top1": p.knn_top1, "knn_init_top1": p.knn_init_top1, "knn_pixels_top1": p.knn_pixels_top1}
+        return {KNN_TOP1: p.knn_top1, KNN_INIT_TOP1: p.knn_init_top1, KNN_PIXELS_TOP1: p.knn_pixels_top1}
 
     def monitor(self, pixels=False):
         """kNN top-1 (%) of the query encoder's backbone (pixels: of the raw input pixels, the

@@ -2,7 +2,7 @@
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from moco_ray.metrics import EVENT, Event
+from moco_ray.metrics import EVENT, KNN_TOP1, Event
 
 
 class FreshMetricCallback(TuneReportCallback):
@@ -32,7 +32,7 @@ class FreshMetricCallback(TuneReportCallback):
         epoch = m.get("epoch") or 0
         if epoch <= self.last_epoch:        # already sent, or redone after a restart of the workers
             return False
-        return self.metric != "knn_top1" or bool(self.knn_every and epoch % self.knn_every == 0)
+        return self.metric != KNN_TOP1 or bool(self.knn_every and epoch % self.knn_every == 0)
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics or not self.fresh(metrics[0]):

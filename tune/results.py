@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from moco_ray import config, plotting, storage
-from moco_ray.metrics import EVENT, Event
+from moco_ray.metrics import EVENT, KNN_INIT_TOP1, KNN_PIXELS_TOP1, KNN_TOP1, Event
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.yaml"
@@ -15,8 +15,8 @@ HEATMAP_FILE = "heatmap.png"
 BY_M_FILE = "by_m.png"
 BY_K_FILE = "by_K.png"
 CURVES_FILE = "curves.png"
-BASELINE = "knn_init_top1"
-PIXELS = "knn_pixels_top1"
+BASELINE = KNN_INIT_TOP1
+PIXELS = KNN_PIXELS_TOP1
 
 
 def _number(v):
@@ -42,7 +42,7 @@ def baseline(rows, spec, key=BASELINE):
     """The random-init kNN top-1 of the trials (one value: they share the seed and the encoder), or
     with key=PIXELS the raw-pixel kNN top-1; None when the metric is not kNN top-1."""
     values = [r[key] for r in rows if not math.isnan(r.get(key, math.nan))]
-    if spec.metric != "knn_top1" or not values:
+    if spec.metric != KNN_TOP1 or not values:
         return None
     return sum(values) / len(values)
 

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from moco_ray import config, launch, storage
 from moco_ray.launch import start_ray
+from moco_ray.metrics import KNN_TOP1
 from tune.spec import SPEC_FILE, Space, SweepSpec
 
 # Metrics a sweep can optimise: rank 0's report keys, and whether higher is better.
-METRICS = {"knn_top1": "max", "loss": "min", "accuracy": "max"}
+METRICS = {KNN_TOP1: "max", "loss": "min", "accuracy": "max"}
 TRIAL_CPU = 0.01        # the trial's driver (the Tune function trainable) only waits on its TorchTrainer
 EXIT_INTERRUPTED = 130
 
@@ -174,7 +175,7 @@ def build_parser():
                    help="trials at once (default: as many as the cluster holds)")
     p.add_argument("--workers-per-trial", default="2",
                    help="Ray Train workers per trial: N or MIN:MAX (default 2, as moco_ray.train)")
-    p.add_argument("--metric", default="knn_top1", help=f"what to optimise: {', '.join(METRICS)}")
+    p.add_argument("--metric", default=KNN_TOP1, help=f"what to optimise: {', '.join(METRICS)}")
     return p
 
 
@@ -257,7 +258,7 @@ def plan(args):
             raise config.ConfigError(f"--workers-per-trial {args.workers_per_trial}: a trial needs {need} CPU "
                                 f"workers, this machine has {cpus} CPUs")
     resolved = launch.resolve_data(cfg)
-    if args.metric == "knn_top1" and not resolved.knn_data:
+    if args.metric == KNN_TOP1 and not resolved.knn_data:
         raise config.ConfigError("--metric knn_top1 needs a labelled held-out split: --set knn_data=DIR")
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
     trials = num_samples * tau.size() * m.size() * (queue.size() if queue else 1)
@@ -355,7 +356,7 @@ def scheduler_for(spec):
     cfg = spec.cfg
     grace = spec.grace_period
     if grace is None:
-        knn_every = cfg.knn_every if spec.metric == "knn_top1" else 1
+        knn_every = cfg.knn_every if spec.metric == KNN_TOP1 else 1
         grace = min(knn_every or cfg.epochs, cfg.epochs)
     # time in epochs: the reports that reach Tune carry the number of completed epochs
     return ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=grace,
