@@ -41,12 +41,14 @@ def allowed_changes(values):
     return {k.strip() for v in values for k in v.split(",") if k.strip()}
 
 
-def resolve(storage_path, name, resume, default_name, what="run"):
-    """(name, continuing) for --name/--resume; ConfigError when the combination cannot work."""
+def resolve(storage_path, name, resume, default_name, what="run", marker=None):
+    """(name, continuing) for --name/--resume; ConfigError when the combination cannot work.
+    marker: a file that every directory of this kind holds (a sweep's spec); --resume without
+    --name then continues the newest directory that holds one."""
     storage_path = storage.at(storage_path)
     if resume == "auto":
         if not name:
-            raise ConfigError("--resume auto needs --name: the run to continue or to start")
+            raise ConfigError(f"--resume auto needs --name: the {what} to continue or to start")
         return name, (storage_path / name).is_dir()
     if name:
         exists = (storage_path / name).exists()
@@ -57,12 +59,25 @@ def resolve(storage_path, name, resume, default_name, what="run"):
             raise ConfigError(f"--resume: no {what} {name!r} in {storage_path}")
         return name, bool(resume)
     if resume:
-        runs = sorted((_started(storage_path / name, info), name) for name, info in storage_path.children()
-                      if info.type == storage.pafs.FileType.Directory)
+        runs = sorted(_started_runs(storage_path, marker))
         if not runs:
             raise ConfigError(f"--resume: no {what}s in {storage_path}")
         return runs[-1][1], True
     return default_name or time.strftime("run-%Y%m%d-%H%M%S"), False
+
+
+def _started_runs(storage_path, marker=None):
+    """(when it started, name) of every run directory in storage_path; with a marker, of every
+    directory that holds that file, by the file's time."""
+    for name, info in storage_path.children():
+        if info.type != storage.pafs.FileType.Directory:
+            continue
+        if marker is None:
+            yield _started(storage_path / name, info), name
+            continue
+        found = (storage_path / name / marker).info()
+        if found.type == storage.pafs.FileType.File:
+            yield found.mtime.timestamp(), name
 
 
 def _started(run_dir, info):

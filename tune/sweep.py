@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from moco_ray import config, launch, storage
+from moco_ray import config, launch, rundir, storage
 from moco_ray.launch import start_ray
 from moco_ray.metrics import KNN_TOP1
 from tune.spec import SPEC_FILE, Space, SweepSpec
@@ -180,26 +180,11 @@ def build_parser():
 
 
 def _sweep_name(args, storage_path):
-    if args.resume == "auto":
-        if not args.name:
-            raise config.ConfigError("--resume auto needs --name: the sweep to continue or to start")
-        return args.name
-    if args.name:
-        exists = (storage_path / args.name).exists()
-        if exists and not args.resume:
-            raise config.ConfigError(f"sweep {args.name!r} already exists in {storage_path}; pass --resume "
-                                f"to continue it, or another --name")
-        if args.resume and not exists:
-            raise config.ConfigError(f"--resume: no sweep {args.name!r} in {storage_path}")
-        return args.name
-    if args.resume:
-        specs = [(name, (storage_path / name / SPEC_FILE).info()) for name in storage_path.listdir()]
-        sweeps = sorted((info.mtime.timestamp(), name) for name, info in specs if info.is_file)
-        if not sweeps:
-            raise config.ConfigError(f"--resume: no sweeps in {storage_path}")
-        return sweeps[-1][1]
+    """--name; with --resume alone the newest sweep (the newest sweep.json); else sweep-CONFIG-TIMESTAMP."""
     stem = args.config if args.config in config.PRESETS else Path(args.config).stem
-    return f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, _ = rundir.resolve(storage_path, args.name, args.resume, f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             what="sweep", marker=SPEC_FILE)
+    return name
 
 
 def plan(args):
@@ -280,8 +265,6 @@ def _continue_or_start(path, fresh):
     """--resume auto: the stored sweep at `path` if Tune can restore it (the arguments must be the
     ones it started with), else `fresh`, started there."""
     from ray.tune import Tuner
-
-    from moco_ray import rundir
 
     if not ((path / SPEC_FILE).is_file() and Tuner.can_restore(str(path))):
         return fresh
