@@ -135,7 +135,7 @@ class Loop:
     exactly-once order of moco_ray.data), the records to Prometheus and the run log, and sharded
     checkpoints. A subclass builds the model (build, to_device), takes one step (step), says what
     its checkpoints hold (state_dict, load_state, queue_state) and what it measures (measure,
-    measure_due, measures)."""
+    measure_due, measures; kept in its progress_type, a train_state.Progress)."""
 
     progress_type = train_state.Progress   # where the run stands (checkpointed): a subclass adds its measures
     aug = None           # the colour augmentation of the training views (moco_ray.augment)
