@@ -6,6 +6,9 @@ here on whole batches on the worker's device, with one random draw per sample:
     v1: RandomGrayscale(p=0.2), ColorJitter(0.4, 0.4, 0.4, 0.4)                   (MoCo v1)
     v2: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(p=0.2),
         RandomApply(GaussianBlur(sigma in [0.1, 2.0]), p=0.5)                     (MoCo v2)
+    v3: RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8), RandomGrayscale(p=0.2), then a pair
+        of different views (BYOL's, as moco-v3's main_moco.py): view 0 always blurred; view 1
+        blurred with p=0.1 and RandomApply(Solarize(threshold 0.5), p=0.2)      (MoCo v3)
 
 Each op matches torchvision.transforms.v2.functional on float images in [0, 1]; the colour jitter
 applies its four ops in a random order per sample, as torchvision's ColorJitter does. Call
@@ -24,7 +27,9 @@ import torch.nn.functional as F
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-VERSIONS = ("v1", "v2", "none", None)
+VERSIONS = ("v1", "v2", "v3", "none", None)
+# v3's two views differ: (blur p, solarize p) of view 0 and of view 1
+V3_VIEWS = ((1.0, 0.0), (0.1, 0.2))
 
 
 def to_float(x):
@@ -208,12 +213,23 @@ def random_blur(x, sigma, p, generator=None):
     return _pick(_chance(len(x), p, generator, x.device), gaussian_blur(x, s), x)
 
 
-def augment(x, version, generator=None):
+def solarize(x, threshold=0.5):
+    """PIL's ImageOps.solarize (threshold 128 of 255) on a float batch in [0, 1]: values at or above
+    the threshold inverted."""
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def random_solarize(x, p, generator=None):
+    return _pick(_chance(len(x), p, generator, x.device), solarize(x), x)
+
+
+def augment(x, version, generator=None, view=0):
     """x: (B, 3, H, W) uint8 or float in [0, 1], already cropped and flipped. Returns the
     augmented, normalised float32 batch on x's device (x itself is not modified). version: 'v1',
     'v2', or None / 'none' (normalise only). generator: an optional torch.Generator on x's device
     for the random parameters; None draws from that device's default generator, which
-    torch.manual_seed seeds. Nothing is read back to the host: no step waits for the device here."""
+    torch.manual_seed seeds. view: 0 or 1, which of v3's two different views (the other versions
+    draw both views alike). Nothing is read back to the host: no step waits for the device here."""
     if version not in VERSIONS:
         raise ValueError(f"augmentation {version!r} is not one of {VERSIONS}")
     if version in (None, "none") and x.dtype == torch.uint8:
@@ -226,4 +242,10 @@ def augment(x, version, generator=None):
         x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=generator)
         x = random_grayscale(x, 0.2, generator)
         x = random_blur(x, (0.1, 2.0), p=0.5, generator=generator)
+    elif version == "v3":
+        blur, solar = V3_VIEWS[view]
+        x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8, generator=generator)
+        x = random_grayscale(x, 0.2, generator)
+        x = random_blur(x, (0.1, 2.0), p=blur, generator=generator)
+        x = random_solarize(x, solar, generator) if solar else x
     return normalize_(x)

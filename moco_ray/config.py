@@ -67,7 +67,7 @@ class TrainOptions(RunOptions):
 @dataclass
 class Config(TrainOptions):
     knn_data: str = ""            # labelled held-out split for the kNN monitor; "" = none (or the embedded val)
-    aug: str = "v2"               # v1 | v2 ("aug+")
+    aug: str = "v2"               # v1 | v2 ("aug+") | v3 (moco-v3's asymmetric pair: moco_ray.augment)
     # model (MoCo paper names)
     method: str = "moco"          # moco (v1/v2: by mlp and aug) | v2plus (v2, symmetric loss) | v3
     arch: str = "resnet50"        # torchvision ResNet or ViT, vit_small/vit_base (moco-v3's), timm:NAME
@@ -130,20 +130,20 @@ PRESETS = {
                         knn_every=10, knn_bank_per_class=100),
     # MoCo v3 as its CONFIG.md: batch 4096, SyncBN, momentum 0.99 rising to 1 by a cosine, lr per
     # 256 images. ResNet-50: 100 epochs with LARS (300 epochs: lr=0.3; 1000: lr=0.3, weight_decay=1.5e-6,
-    # m=0.996); ViTs: 300 epochs with AdamW and the frozen patch projection. Augmentation stays aug+
-    # (the paper's asymmetric BYOL augmentation is not built).
+    # m=0.996); ViTs: 300 epochs with AdamW and the frozen patch projection. All three: the asymmetric
+    # (BYOL) augmentation pair; crops down to 20% of the image for ResNet-50, 8% (main_moco.py's default) for ViTs.
     "moco-v3-resnet50": dict(method="v3", arch="resnet50", dim=256, mlp_dim=4096, T=1.0, m=0.99,
                              m_schedule="cosine", bn="sync", optimizer="lars", lr=0.6, weight_decay=1e-6,
-                             batch_size=4096, epochs=100, warmup_epochs=10, crop_min=0.2, aug="v2",
+                             batch_size=4096, epochs=100, warmup_epochs=10, crop_min=0.2, aug="v3",
                              knn_every=10, knn_bank_per_class=100),
     "moco-v3-vit-small": dict(method="v3", arch="vit_small", dim=256, mlp_dim=4096, T=0.2, m=0.99,
                               m_schedule="cosine", bn="sync", optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
                               batch_size=4096, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
-                              crop_min=0.08, aug="v2", knn_every=10, knn_bank_per_class=100),
+                              crop_min=0.08, aug="v3", knn_every=10, knn_bank_per_class=100),
     "moco-v3-vit-base": dict(method="v3", arch="vit_base", dim=256, mlp_dim=4096, T=0.2, m=0.99,
                              m_schedule="cosine", bn="sync", optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
                              batch_size=4096, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
-                             crop_min=0.08, aug="v2", knn_every=10, knn_bank_per_class=100),
+                             crop_min=0.08, aug="v3", knn_every=10, knn_bank_per_class=100),
     # Tiny and CPU-sized: resnet18 on 16px crops of the 32px scenes of the embedded dataset
     # (data_prep.demo, 5748 train images: 89 steps an epoch), 2 workers. K stays well below the
     # dataset, so an image's own older keys are never among its negatives. Two departures from the
@@ -174,7 +174,7 @@ LINCLS_PRESETS = {
                  loader_workers=1, metrics_port=0),
 }
 
-CHOICES = {"aug": ("v1", "v2"), "bn": ("shuffle", "sync", "split"), "schedule": ("cosine", "step"),
+CHOICES = {"aug": ("v1", "v2", "v3"), "bn": ("shuffle", "sync", "split"), "schedule": ("cosine", "step"),
            "method": ("moco", "v2plus", "v3"), "optimizer": ("sgd", "lars", "adamw"),
            "m_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "channels_last": ("auto", "true", "false")}

@@ -151,7 +151,8 @@ def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world
                       aug="v2", device="cpu", num_workers=None, crop_min=CROP_SCALE[0], views=2,
                       raw_k=False):
     """Two augmented views per sample: yields (view_q, view_k, label, sample_id), the views float32
-    NCHW normalised on `device`, label and sample_id int64 on the CPU. aug: 'v1', 'v2' or None.
+    NCHW normalised on `device`, label and sample_id int64 on the CPU. aug: 'v1', 'v2', 'v3' (the
+    views are v3's view 0 and view 1) or None.
     len() = the steps left in this epoch from `start` for this world size. crop_min: the smallest
     crop area of RandomResizedCrop (MoCo: 0.2).
     views=1: one view per sample, (view, label, sample_id): one crop, half the decode output
@@ -171,7 +172,8 @@ def make_train_loader(path, *, seed, epoch, start, batch_per_worker, rank, world
                                          (crop_min, 1.0), views):
             on_device = [v.to(device, non_blocking=True) for v in host]
             keep = 1 if raw_k else len(on_device)   # raw_k: view k as it came
-            yield (*(augment(v, aug) for v in on_device[:keep]), *on_device[keep:], label, sid)   # independent draws
+            yield (*(augment(v, aug, view=i) for i, v in enumerate(on_device[:keep])), *on_device[keep:], label,
+                   sid)   # independent draws
 
     return Batches(len(sizes), batches)
 

@@ -482,11 +482,11 @@ class PretrainLoop(Loop):
         lr = self.set_lr(epochs_done)
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.method == "moco":
-            loss, stats = self.model(im_q, im_k, self.progress.step, aug_k=lambda x: augment(x, self.cfg.aug),
+            loss, stats = self.model(im_q, im_k, self.progress.step, aug_k=lambda x: augment(x, self.cfg.aug, view=1),
                                      micro=micro_batches(self.b, self.cfg.max_batch_per_worker),
                                      backward=lambda part: self.scaler.scale(part).backward())
         else:   # v2+ and v3 feed both views to both encoders: view k is augmented before the step
-            loss, stats = self.model(im_q, augment(im_k, self.cfg.aug), self.progress.step)
+            loss, stats = self.model(im_q, augment(im_k, self.cfg.aug, view=1), self.progress.step)
         if precision.backward_and_step(loss, self.optimizer, self.scaler):
             self.progress.skipped_steps += 1
         return loss, stats, lr

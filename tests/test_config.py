@@ -129,6 +129,8 @@ def test_v3_presets_follow_config_md():
         assert (vit.arch, vit.optimizer, vit.lr, vit.weight_decay, vit.T, vit.epochs, vit.warmup_epochs) == \
             (arch, "adamw", 1.5e-4, 0.1, 0.2, 300, 40)
         assert vit.stop_grad_conv1 and vit.m_schedule == "cosine" and vit.bn == "sync"
+        assert (vit.aug, vit.crop_min) == ("v3", 0.08)
+    assert r50.aug == "v3"                    # main_moco.py's augmentation1 / augmentation2 pair
     v2plus = C.preset("moco-v2plus")
     assert v2plus.method == "v2plus" and dataclasses.replace(v2plus, method="moco") == C.preset("moco-v2")
     for name in ("moco-v1", "moco-v2", "demo"):   # the v1/v2 presets keep their behaviour

@@ -47,12 +47,12 @@ def test_blur_matches_torchvision(shape):
     assert_close(A.gaussian_blur(x, sigma), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_augment_draws_per_sample_and_per_call(version):
+@pytest.mark.parametrize("version, view", [("v1", 0), ("v2", 0), ("v3", 0), ("v3", 1)])
+def test_augment_draws_per_sample_and_per_call(version, view):
     x = torch.randint(0, 256, (2000, 3, 6, 6), dtype=torch.uint8)
-    y1 = A.augment(x, version, torch.Generator().manual_seed(5))
-    y2 = A.augment(x, version, torch.Generator().manual_seed(5))
-    y3 = A.augment(x, version, torch.Generator().manual_seed(6))
+    y1 = A.augment(x, version, torch.Generator().manual_seed(5), view=view)
+    y2 = A.augment(x, version, torch.Generator().manual_seed(5), view=view)
+    y3 = A.augment(x, version, torch.Generator().manual_seed(6), view=view)
     assert y1.dtype == torch.float32 and y1.shape == x.shape
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
     assert x.dtype == torch.uint8                                   # the input is left alone
@@ -71,8 +71,27 @@ def test_normalise_only_and_bad_version():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     y = A.augment(x, None)
     assert_close(y[0, :, 0, 0], (1 - torch.tensor(A.MEAN)) / torch.tensor(A.STD))
-    with pytest.raises(ValueError, match="augmentation 'v3'"):
-        A.augment(x, "v3")
+    with pytest.raises(ValueError, match="augmentation 'v4'"):
+        A.augment(x, "v4")
+
+
+def test_solarize_matches_torchvision(batch):
+    assert_close(A.solarize(batch), TF.solarize(batch, 0.5))
+    assert torch.equal(A.random_solarize(batch, 1.0), A.solarize(batch))
+    assert torch.equal(A.random_solarize(batch, 0.0), batch)
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_v3_views_are_moco_v3s_pair(batch, view):
+    """v3 is main_moco.py's augmentation1 (view 0: always blurred, never solarized) and
+    augmentation2 (view 1: blurred at p=0.1, solarized at p=0.2), each after the same jitter and
+    grayscale: the ops, their parameters and their order, drawn from one generator."""
+    blur, solar = ((1.0, 0.0), (0.1, 0.2))[view]
+    g = torch.Generator().manual_seed(11)
+    y = A.color_jitter(batch.clone(), 0.4, 0.4, 0.2, 0.1, p=0.8, generator=g)
+    y = A.random_blur(A.random_grayscale(y, 0.2, g), (0.1, 2.0), p=blur, generator=g)
+    y = A.normalize_(A.random_solarize(y, solar, g) if solar else y)
+    assert_close(A.augment(batch, "v3", torch.Generator().manual_seed(11), view=view), y)
 
 
 def test_jitter_applies_each_samples_ops_in_its_order():
@@ -92,7 +111,7 @@ def test_jitter_applies_each_samples_ops_in_its_order():
     assert_close(A.apply_jitter(x.clone(), *params), torch.stack(expected), atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_augment_never_waits_for_the_device_nor_copies_to_it(version):
     """On the meta device (a device that is not the CPU, with no data): no op reads device data
     (nonzero, item, copies back) and nothing is copied from the CPU per call: the random
