@@ -167,6 +167,10 @@ PRESETS["demo-v3"] = dict(PRESETS["demo"], method="v3", dim=64, mlp_dim=256, T=0
 
 LINCLS_PRESETS = {
     "imagenet": {},   # the defaults: 100 epochs, lr 30 per 256, /10 at 60 and 80
+    # moco-v3's main_lincls.py: SGD over 90 epochs with a cosine schedule, batch 1024, no weight decay;
+    # lr 0.1 per 256 for ResNet-50 and 3 for the ViTs (CONFIG.md), which read their class token.
+    "moco-v3": dict(epochs=90, batch_size=1024, lr=0.1, weight_decay=0.0, schedule="cosine"),
+    "moco-v3-vit": dict(epochs=90, batch_size=1024, lr=3.0, weight_decay=0.0, schedule="cosine"),
     # The 16px crops of the demo pretraining; 10 epochs, lr / 10 at 60% and 80% of them as the paper's.
     "demo": dict(res=16, batch_size=64, epochs=10, lr_steps=(6, 8), eval_every=2, random_baseline=True,
                  pixel_baseline=True,

@@ -119,6 +119,13 @@ def test_cli_passes_the_smallest_world_size_to_the_micro_batch_check(capsys, tmp
     assert "with 3 workers the local batch of 21" in capsys.readouterr().err
 
 
+def test_v3_lincls_presets_follow_main_lincls():
+    for name, lr in (("moco-v3", 0.1), ("moco-v3-vit", 3.0)):
+        cfg = C.preset(name, C.LinclsConfig)
+        assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.crop_min) == \
+            (90, 1024, lr, 0.0, "cosine", 0.08)
+
+
 def test_v3_presets_follow_config_md():
     r50, vit_s, vit_b = C.preset("moco-v3-resnet50"), C.preset("moco-v3-vit-small"), C.preset("moco-v3-vit-base")
     assert (r50.method, r50.optimizer, r50.lr, r50.weight_decay, r50.T, r50.m, r50.m_schedule) == \
