@@ -88,6 +88,7 @@ def wait_for_cpus(ray, n, timeout_s=60):
     (["--tau", "0.1", "--m", "0.9", "--K", "1024,100.5"], "--K: the queue size must be a whole number"),
     (["--tau", "0.1", "--m", "0.9", "--K", "uniform:256:1024"], "--K: queue sizes are a list"),
     (["--tau", "0.1", "--m", "0.9", "--K", "16,1024"], "K=16 is smaller than the global batch"),
+    (["--config", "demo-v3", "--tau", "0.1", "--m", "0.9", "--K", "256,1024"], "--K: MoCo v3 has no queue"),
 ])
 def test_bad_input_is_one_line_before_ray(argv, message, tmp_path, capsys, monkeypatch):
     def no_ray(*a, **k):
@@ -358,3 +359,15 @@ def test_spec_round_trips_through_its_json(tiny, tmp_path):
     spec = dataclasses.replace(spec, workers=(1, 2), use_gpu=False, started_ms=7)
     spec.save(storage.at(tmp_path))
     assert SweepSpec.load(storage.at(tmp_path)) == spec
+
+
+def test_v3_sweep_gives_each_trial_its_T_and_m(tiny, tmp_path):
+    """The v3 presets sweep T and m like v1/v2: each trial's config is demo-v3's with its own T and m
+    (m is v3's base momentum, which its cosine schedule raises to 1)."""
+    argv = sweep_args(tiny, tmp_path, "v3", "--tau", "0.2,1.0", "--m", "0.99,0.996", "--set", "warmup_epochs=1")
+    argv[argv.index("demo")] = "demo-v3"
+    spec = sweep.plan(sweep.build_parser().parse_args(argv))
+    assert spec.cfg.method == "v3" and spec.cfg.m_schedule == "cosine" and spec.trials == 4
+    trial = sweep.trial_cfg(spec.cfg, {"T": 1.0, "m": 0.996})
+    assert (trial.method, trial.T, trial.m) == ("v3", 1.0, 0.996)
+    assert dataclasses.replace(trial, T=spec.cfg.T, m=spec.cfg.m) == spec.cfg

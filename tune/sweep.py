@@ -229,6 +229,9 @@ def plan(args):
     workers = launch.parse_workers(args.workers_per_trial)
     cfg = config.load(args.config, args.set)
     config.validate(cfg, launch.max_workers(workers))
+    if queue is not None and cfg.method == "v3":
+        raise config.ConfigError("--K: MoCo v3 has no queue (its negatives are the global batch's keys); sweep "
+                                 "--tau and --m")
     for t in tau.points():
         for mm in m.points():
             for k in (queue.points() if queue else [cfg.K]):
