@@ -159,8 +159,8 @@ PRESETS = {
     ),
 }
 # The demo's data, sizes and bookkeeping with MoCo v3: per-worker BN (bn=split: SyncBN needs GPUs),
-# small MLPs, T=0.2 and a short warmup.
-PRESETS["demo-v3"] = dict(PRESETS["demo"], method="v3", dim=64, mlp_dim=256, T=0.2, m=0.99,
+# small MLPs, T=0.2, a short warmup and v3's asymmetric augmentation pair.
+PRESETS["demo-v3"] = dict(PRESETS["demo"], method="v3", aug="v3", dim=64, mlp_dim=256, T=0.2, m=0.99,
                           m_schedule="cosine", bn="split", lr=0.3, warmup_epochs=2)
 # bn_splits=2 (demo): one worker (`tune.sweep --workers-per-trial 1`) normalises 2 sub-batches of
 # 32, as each of the 2 shuffle-BN workers of `make demo` does (8 sub-batches of 8 learned more slowly).
