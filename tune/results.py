@@ -100,8 +100,9 @@ def write(path, spec, rows):
     if dest.is_local:
         return write_files(Path(dest.path), spec, rows)
     with tempfile.TemporaryDirectory() as tmp:
-        write_files(Path(tmp), spec, rows)
+        best = write_files(Path(tmp), spec, rows)
         dest.upload(tmp)
+    return best
 
 
 def write_files(path, spec, rows):

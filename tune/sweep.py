@@ -229,6 +229,9 @@ def plan(args):
     workers = launch.parse_workers(args.workers_per_trial)
     cfg = config.load(args.config, args.set)
     config.validate(cfg, launch.max_workers(workers))
+    from moco_ray import trackers
+
+    trackers.check_storage(cfg.log_to, cfg.mlflow_uri, storage_path)
     for t in tau.points():
         for mm in m.points():
             for k in (queue.points() if queue else [cfg.K]):
