@@ -210,3 +210,6 @@ def test_sweep_spec_and_results_on_s3(prefix, tiny, tmp_path, monkeypatch):
         check_png(tmp_path / "down" / png)
     assert best["trial_id"] == "t3"
     assert f"{path / results.RESULTS_FILE}" in results.summary(path, spec, rows, 1.0)
+    # Tune reports a checkpoint by its path on the filesystem: the table names it by its URI
+    checkpoint = path / "trial_t3" / "train" / "checkpoint_000000022"
+    assert results._checkpoint_uri(path, checkpoint.path) == str(checkpoint)
