@@ -170,9 +170,9 @@ def plan(args, kind=config.Config, splits=("data", "knn_data"), overrides=(), pr
     workers = parse_workers(args.num_workers)
     config.validate(cfg, max_workers(workers), workers[0] if isinstance(workers, tuple) else workers)
     storage_path = storage.at(args.storage_path)   # ConfigError for a URI without a filesystem
-    if cfg.log_to and not storage_path.is_local:
-        raise config.ConfigError(f"--log-to writes its trackers' files in the run directory, which must be local for "
-                            f"now; {args.storage_path!r} is a URI")
+    from moco_ray import trackers
+
+    trackers.check_storage(cfg.log_to, cfg.mlflow_uri, storage_path)   # mlflow's default store is local
     name = run_dir_name(args, storage_path, cfg, prefix)
     return RunPlan(cfg, resolve_data(cfg, splits), workers, storage_path, name)
 

@@ -13,9 +13,17 @@ Memory: MAX_QUEUED records of ~1 KB per tracker.
 Scalars are named after moco_ray.metrics.VOCABULARY (the Prometheus family names, moco_loss,
 moco_knn_top1_percent, ...), so a metric has one name in Grafana, TensorBoard, MLflow and W&B.
 A continued run (--resume) continues the same tracker run: TensorBoard appends to RUN_DIR/tb/, MLflow
-and W&B find their run id in RUN_DIR (mlflow_run.json, wandb_run.json).
+and W&B find their run id in RUN_DIR (mlflow_run.json, wandb_run.json, read and written through
+moco_ray.storage).
+
+A run directory on a URI (s3://...): the tracker libraries write local files, so TensorBoard and W&B
+write theirs in a Staging directory on the driver's node (where the RunLog runs) and it copies them
+to the same place under RUN_DIR, from the tracker's thread (see Staging for when and what it costs).
+MLflow's default store, an sqlite file in the storage path, cannot be on a URI: such a run needs
+$MLFLOW_TRACKING_URI or mlflow_uri (a one-line ConfigError before Ray starts otherwise).
 """
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
@@ -27,6 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
+from moco_ray import storage
 from moco_ray.config import ConfigError
 from moco_ray.metrics import BY_KEY, EVENT, KNN_TOP1, Event
 
@@ -36,6 +45,10 @@ MAX_QUEUED = 1024
 KEYS = ("log_to", "mlflow_uri")
 # The environment of the driver that the trackers read (the RunLog actor does not inherit it).
 ENV_PREFIXES = ("MLFLOW_", "WANDB_")
+# A run directory on a URI: staged files are copied at most this often (and at a finish and the
+# driver's flush), and TensorBoard starts a new event file past ROLL_BYTES, the most one copy PUTs.
+UPLOAD_EVERY_S = 30.0
+ROLL_BYTES = 4 << 20
 
 
 def names(log_to):
@@ -58,10 +71,17 @@ def check(log_to):
     return chosen
 
 
+def check_storage(log_to, mlflow_uri, storage_path):
+    """Before Ray starts: ConfigError (one line) when mlflow is chosen with no tracking URI on a
+    storage path where its default sqlite file cannot be (a URI)."""
+    if "mlflow" in names(log_to):
+        mlflow_uri_of(mlflow_uri, storage_path)
+
+
 def build(log_to, run_dir, mlflow_uri=""):
     """The Tracker objects for a run (no I/O: they open on their thread, inside the RunLog). run_dir:
-    a local path or a local storage.Location (the driver refuses --log-to with a URI)."""
-    run_dir = Path(str(run_dir))
+    a local path, a URI or a storage.Location."""
+    run_dir = storage.at(run_dir)
     made = []
     for name in check(log_to):
         if name == "mlflow":
@@ -75,8 +95,16 @@ def build(log_to, run_dir, mlflow_uri=""):
 
 
 def mlflow_uri_of(mlflow_uri, storage_path):
-    """The config's mlflow_uri, else $MLFLOW_TRACKING_URI, else an sqlite file in the storage path."""
-    return mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(storage_path) / 'mlflow.db'}"
+    """The config's mlflow_uri, else $MLFLOW_TRACKING_URI, else an sqlite file in the storage path
+    when it is local (ConfigError on a URI: sqlite needs a local file)."""
+    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    storage_path = storage.at(storage_path)
+    if not storage_path.is_local:
+        raise ConfigError(f"--log-to mlflow with storage path {storage_path}: MLflow's default store (an sqlite "
+                          f"file in the storage path) must be local; set MLFLOW_TRACKING_URI or --set mlflow_uri=URI")
+    return f"sqlite:///{Path(storage_path.path) / 'mlflow.db'}"
 
 
 @contextlib.contextmanager
@@ -87,7 +115,7 @@ def sweep_run(sweep_dir, config):
     if "mlflow" not in names(config.get("log_to")):
         yield
         return
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = storage.at(sweep_dir)
     parent = MlflowTracker(sweep_dir, mlflow_uri_of(config.get("mlflow_uri"), sweep_dir.parent))
     if _quietly(parent.open, "opening the sweep's run"):
         _quietly(lambda: parent.params(flat_params(config)), "the sweep's params")
@@ -126,18 +154,65 @@ def flat_params(config):
 
 
 def _read_json(path):
+    """A tracker's state file (a path or Location); {} when there is none."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(storage.at(path).read_text())
     except (FileNotFoundError, ValueError):
         return {}
 
 
 def _write_json(path, doc):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    storage.at(path).write_text(json.dumps(doc))   # atomic: a local temporary file renamed, or one PUT
+
+
+def staging_root():
+    """Where trackers stage their files for run directories on a URI: $MOCO_RAY_STAGING, else
+    ~/.cache/moco_ray/trackers (on the driver's node)."""
+    return Path(os.environ.get("MOCO_RAY_STAGING") or Path.home() / ".cache" / "moco_ray" / "trackers")
+
+
+class Staging:
+    """The local directory a tracker library writes its files in, and their copy in the run directory.
+
+    A local run directory is its own staging: nothing to copy. For a run directory on a URI the files
+    are written under staging_root()/NAME-HASH/SESSION/ (HASH: of the run's URI; SESSION: this
+    tracker's, so files another driver left there are never uploaded into this run) and copied to the
+    same relative paths under RUN_DIR by sync(): each file whose size or mtime changed since its last
+    copy, whole, one PUT each. A growing file is so uploaded again at each sync: the TensorBoard
+    tracker rolls over to a new event file at ROLL_BYTES to bound that; W&B syncs only at its finish.
+    A failed copy raises (the tracker's thread counts it); the next sync retries what it missed.
+    Memory: one file at a time."""
+
+    def __init__(self, run_dir):
+        run_dir = storage.at(run_dir)
+        self.remote = None if run_dir.is_local else run_dir
+        if self.remote is None:
+            self.local = Path(run_dir.path)
+        else:
+            key = hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+            session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            self.local = staging_root() / f"{run_dir.name}-{key}" / session
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.sent = {}                 # relative path -> (size, mtime_ns) of its last copy
+        self.last = time.monotonic()   # of the last sync (or the start): the first copy is every_s after it
+
+    def sync(self, every_s=0.0):
+        """Copy what changed to RUN_DIR, unless the last sync was less than every_s ago; the number
+        of files copied."""
+        if self.remote is None or time.monotonic() - self.last < every_s:
+            return 0
+        self.last = time.monotonic()
+        copied = 0
+        for path in sorted(self.local.rglob("*")):
+            if path.is_symlink() or not path.is_file():   # W&B links latest-run to its run directory
+                continue
+            stat = path.stat()
+            rel, stamp = path.relative_to(self.local).as_posix(), (stat.st_size, stat.st_mtime_ns)
+            if self.sent.get(rel) != stamp:
+                (self.remote / rel).write_bytes(path.read_bytes())
+                self.sent[rel] = stamp
+                copied += 1
+        return copied
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,8 +227,14 @@ class Tracker:
     module = ""   # the library it needs
 
     def __init__(self, run_dir):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.at(run_dir)
         self.opened = False
+        self.staging = None   # a Staging, for a tracker that writes files
+
+    def sync(self):
+        """Copy the staged files to a run directory on a URI now (the tracker's thread only)."""
+        if self.staging is not None:
+            self.staging.sync()
 
     # hooks
     def open(self):
@@ -192,19 +273,28 @@ class Tracker:
         if record.get(EVENT) in (Event.END, Event.FAILED):
             self.finish(failed=record[EVENT] == Event.FAILED)
             self.opened = False
+            self.sync()
         else:
             self.flush()
 
 
 class TensorBoardTracker(Tracker):
-    """Event files under RUN_DIR/tb/ (a continuation adds a file there; TensorBoard reads them all)."""
+    """Event files under RUN_DIR/tb/ (a continuation adds a file there; TensorBoard reads them all).
+    On a URI: staged, copied every UPLOAD_EVERY_S, a new event file past ROLL_BYTES."""
 
     name, module = "tensorboard", "tensorboard"
 
     def open(self):
+        self.staging = self.staging or Staging(self.run_dir)
+        self._new_writer()
+
+    def _new_writer(self):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        tb = self.staging.local / "tb"
+        before = set(tb.glob("events.*"))
+        self.writer = SummaryWriter(log_dir=str(tb))
+        self.event_file = max(set(tb.glob("events.*")) - before, default=None)
 
     def params(self, config):
         from torch.utils.tensorboard.summary import hparams
@@ -222,6 +312,12 @@ class TensorBoardTracker(Tracker):
 
     def flush(self):
         self.writer.flush()
+        if self.staging.remote is None:
+            return
+        if self.event_file is not None and self.event_file.stat().st_size >= ROLL_BYTES:
+            self.writer.close()   # its last copy is the next sync's; then it never changes again
+            self._new_writer()
+        self.staging.sync(UPLOAD_EVERY_S)
 
     def finish(self, failed):
         self.writer.close()
@@ -283,7 +379,8 @@ class MlflowTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    """A W&B run with the id in RUN_DIR/wandb_run.json, resumed by that id; files under RUN_DIR/wandb/.
+    """A W&B run with the id in RUN_DIR/wandb_run.json, resumed by that id; files under RUN_DIR/wandb/
+    (on a URI: staged, copied at the run's finish and the driver's flush).
     WANDB_MODE=offline needs no network (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later);
     project $WANDB_PROJECT (default moco_ray). Charts use moco_step as their x axis, so the steps a
     restart redoes are logged again instead of being refused as going back."""
@@ -296,9 +393,11 @@ class WandbTracker(Tracker):
 
         state = _read_json(self.run_dir / self.STATE)
         run_id = state.get("id") or uuid.uuid4().hex[:12]
-        _write_json(self.run_dir / self.STATE, {"id": run_id})
+        if not state.get("id"):
+            _write_json(self.run_dir / self.STATE, {"id": run_id})
+        self.staging = self.staging or Staging(self.run_dir)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "moco_ray"), id=run_id, resume="allow",
-                              name=self.run_dir.name, dir=str(self.run_dir), reinit="finish_previous",
+                              name=self.run_dir.name, dir=str(self.staging.local), reinit="finish_previous",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                                       x_save_requirements=False, save_code=False))
         self.run.define_metric("moco_step")
@@ -346,7 +445,8 @@ class TrackerThread:
     def _run(self):
         while True:
             record, line = self.queue.get()
-            if isinstance(record, threading.Event):   # flush(): everything before it is delivered
+            if isinstance(record, threading.Event):   # flush(): everything before it is delivered and copied
+                self._sync()
                 record.set()
                 continue
             try:
@@ -355,6 +455,14 @@ class TrackerThread:
                 self.errors += 1
                 if self.errors == 1:
                     _warn(f"{self.tracker.name}: {type(e).__name__}: {e} (records are lost, training goes on)")
+
+    def _sync(self):
+        try:
+            self.tracker.sync()
+        except Exception as e:   # costs the records not copied yet; the next sync retries them
+            self.errors += 1
+            if self.errors == 1:
+                _warn(f"{self.tracker.name}: copying its files: {type(e).__name__}: {e}")
 
     def flush(self, timeout_s):
         """Wait (at most timeout_s) until the records submitted so far are delivered; True if they are."""

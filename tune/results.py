@@ -52,6 +52,7 @@ def collect(path, spec):
     from ray.tune import ExperimentAnalysis
 
     metric, mode = spec.metric, spec.mode
+    path = storage.at(path)
     analysis = ExperimentAnalysis(str(path))
     frames = analysis.trial_dataframes
     rows = []
@@ -75,11 +76,19 @@ def collect(path, spec):
             "wall_s": _number(last.get("time_total_s")),
             BASELINE: _number(last.get(BASELINE)),
             PIXELS: _number(last.get(PIXELS)),
-            "checkpoint": last.get("checkpoint_path") or "",
+            "checkpoint": _checkpoint_uri(path, last.get("checkpoint_path")),
             "curve": [list(point) for point in curve],
         })
     rows.sort(key=lambda r: (r["tau"], r["m"], r["K"], r["trial_id"]))
     return rows
+
+
+def _checkpoint_uri(path, checkpoint):
+    """A trial's checkpoint as a user passes it on (--pretrained): Tune reports its path on the
+    experiment's filesystem, without the URI's scheme."""
+    if not checkpoint or path.is_local:
+        return checkpoint or ""
+    return str(storage.location_of(path.fs, checkpoint))
 
 
 def best_row(rows, spec):
@@ -100,8 +109,9 @@ def write(path, spec, rows):
     if dest.is_local:
         return write_files(Path(dest.path), spec, rows)
     with tempfile.TemporaryDirectory() as tmp:
-        write_files(Path(tmp), spec, rows)
+        best = write_files(Path(tmp), spec, rows)
         dest.upload(tmp)
+    return best
 
 
 def write_files(path, spec, rows):

@@ -232,6 +232,9 @@ def plan(args):
     if queue is not None and cfg.method == "v3":
         raise config.ConfigError("--K: MoCo v3 has no queue (its negatives are the global batch's keys); sweep "
                                  "--tau and --m")
+    from moco_ray import trackers
+
+    trackers.check_storage(cfg.log_to, cfg.mlflow_uri, storage_path)
     for t in tau.points():
         for mm in m.points():
             for k in (queue.points() if queue else [cfg.K]):
