@@ -1,6 +1,7 @@
 """End to end on a real local Ray: the driver, TorchTrainer with 2 gloo workers, checkpoints, resume."""
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,8 +106,9 @@ def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
     base = free_ports(7)
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client = range(base, base + 7)
     address = f"http://127.0.0.1:{dashboard}"
-    # --block keeps the head in this child process: terminating it stops this cluster only, not the
-    # test session's own Ray instance (which `ray stop` would kill too).
+    # --block keeps the head and its processes in this child's own session: killing that process
+    # group stops this cluster only, not the test session's own Ray instance (which `ray stop`
+    # would kill too), and at once (a terminated head takes ~30 s to stop its processes).
     head = subprocess.Popen([ray, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
                              "--dashboard-port", str(dashboard), "--include-dashboard", "true",
                              "--dashboard-agent-listen-port", str(agent),
@@ -114,7 +116,7 @@ def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
                              "--runtime-env-agent-port", str(runtime_env),
                              "--metrics-export-port", str(metrics), "--ray-client-server-port", str(client),
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # the jobs API answers (what `ray job list` asks, without a CLI process start per try)
         deadline = time.time() + 120
@@ -132,7 +134,7 @@ def test_ray_job_submit_against_a_local_head(ray_session, digits, tmp_path):
         assert "[moco_ray] summary" in job.stdout
         assert (tmp_path / "submitted").is_dir()
     finally:
-        head.terminate()
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
 
 
