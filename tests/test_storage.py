@@ -4,8 +4,12 @@ through the standard AWS environment (AWS_ENDPOINT_URL_S3, dummy credentials): t
 no special case for it, and the same `s3://bucket/...` URIs would reach AWS."""
 import io
 import os
-import socket
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,37 +19,7 @@ from moco_ray.config import ConfigError
 from test_export import write_checkpoint
 from test_report import check_png, synthetic_run
 
-
-@pytest.fixture(scope="session")
-def s3():
-    """The URI of a fresh bucket on a moto S3 server on localhost (the env points pyarrow at it)."""
-    from moto.server import ThreadedMotoServer
-    import pyarrow.fs as pafs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
-    fs.create_dir("moco-runs")
-    yield "s3://moco-runs"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture
-def prefix(s3, request):
-    """A fresh prefix of the bucket per test."""
-    return f"{s3}/{request.node.name.replace('[', '-').replace(']', '')}"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def upload_checkpoint(tmp_path, uri, step, **kw):
@@ -224,30 +198,86 @@ def ray_with_s3(s3, _ray_shutdown_at_end):
     ray.shutdown()
 
 
-def test_train_on_s3_resumes_and_reports(ray_with_s3, prefix, digits, tmp_path):
-    """A short pretraining run whose storage is s3://, continued by `--resume auto`: checkpoints,
-    the metrics parts, the config record and the sample log live on the bucket."""
+TIMM_ARCH = "timm:test_resnet"   # timm's smallest test ResNet: a step costs ~1/30 of the demo's resnet18
+
+
+def test_demo_v3_on_s3_driver_killed_continues_then_lincls_export_report(ray_with_s3, prefix, digits, tmp_path):
+    """The v3 demo on a timm backbone, its storage and sample log on s3://: SIGKILL of
+    `python -m moco_ray.train` and its local Ray mid-run; the same command again (--resume auto)
+    continues from the newest valid checkpoint, every epoch's samples once; then lincls, export and
+    report from the same URI. (The v1/v2 continuations: test_train's --resume, test_chaos.)"""
     from conftest import tiny_run_args
+    from moco_ray import lincls
+    from moco_ray.data import dataset_info
     from moco_ray.progress import read_metrics
-    from moco_ray.sample_log import consumed_per_epoch
-    from moco_ray.train import main
+    from moco_ray.sample_log import exactly_once_problems
 
-    runs, samples = f"{prefix}/runs", f"{prefix}/samples"
-    args = lambda steps, *extra: tiny_run_args(digits, runs, "r", "--resume", "auto", "--set", f"max_steps={steps}",
-                                               "--set", "checkpoint_every_steps=2", "--set", f"sample_log={samples}",
-                                               "--set", "knn_every=0", *extra)
-    assert main(args(4)) == 0
-    assert checkpoint.verify(checkpoint.newest_valid(f"{runs}/r"))["step"] == 4
-    assert main(args(6, "--allow-change", "max_steps")) == 0
+    runs, samples, B, epochs = f"{prefix}/runs", f"{prefix}/samples", 32, 2   # 44 steps an epoch
+    run = f"{runs}/r"
+    args = ["--config", "demo-v3"] + tiny_run_args(
+        digits, runs, "r", "--resume", "auto", "--set", f"arch={TIMM_ARCH}", "--set", "small_stem=false",
+        "--set", f"sample_log={samples}", "--set", f"batch_size={B}", "--set", "res=16", "--set", "knn_every=0",
+        "--set", "knn_data=", "--set", f"epochs={epochs}", "--set", "warmup_epochs=1",
+        "--set", "checkpoint_every_steps=10")
+    command = [sys.executable, "-m", "moco_ray.train", *args]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # with the S3 environment
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # Its own session (process group): the kill takes the driver and the local Ray it started.
+    log = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            rows = read_metrics(run)
+            saved = [r["step"] for r in rows if r.get("checkpoint")]
+            if saved and max(r.get("step") or 0 for r in rows) >= saved[-1] + 3:
+                break  # steps past the newest checkpoint: the continuation redoes them
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no checkpoint within 300 s")
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # its session: the driver and its local Ray
+        driver.wait()
+        log.close()
+    # the bucket's records lag the run by up to 5 s (and a worker may finish an upload after the
+    # kill): the continuation starts from at least the newest valid checkpoint on the bucket now
+    newest_step = checkpoint.verify(checkpoint.newest_valid(run))["step"]
 
-    rows = read_metrics(f"{runs}/r")
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = read_metrics(run)
     starts = [r for r in rows if r.get("event") == "start"]
-    assert [s["step"] for s in starts] == [0, 4]
-    assert starts[1]["resumed_from"].startswith(f"{runs}/r/checkpoint_000000004")
-    assert rows[-1]["event"] == "end" and rows[-1]["step"] == 6 and rows[-1]["checkpoint"].startswith("s3://")
-    assert checkpoint.verify(checkpoint.newest_valid(f"{runs}/r"))["step"] == 6
-    assert rundir.recorded_config(f"{runs}/r")["max_steps"] == 6
-    ids = consumed_per_epoch(samples)[0]
-    assert len(ids) == 6 * 64 and len(set(ids)) == len(ids)   # 6 steps of B=64, none twice
-    assert report.main([f"{runs}/r"]) == 0 and (storage.at(runs) / "r" / "report" / "summary.md").is_file()
-    assert export.main([f"{runs}/r", "--out", str(tmp_path / "e.pt")]) == 0
+    assert starts[0]["step"] == 0 and starts[0]["config"]["arch"] == TIMM_ARCH
+    resumed = starts[-1]
+    assert resumed["resumed_from"].startswith(f"{run}/checkpoint_") and 0 < newest_step <= resumed["step"]
+    assert checkpoint.verify(resumed["resumed_from"])["step"] == resumed["step"]
+    n = dataset_info(digits["train"])["n"]
+    total = n // B * epochs
+    assert rows[-1]["event"] == "end" and rows[-1]["step"] == total and rows[-1]["checkpoint"].startswith("s3://")
+    assert checkpoint.verify(checkpoint.newest_valid(run))["step"] == total
+    assert rundir.recorded_config(run)["method"] == "v3"
+    assert exactly_once_problems(samples, n, B, epochs) == []
+
+    # lincls, export and report from the same URI
+    assert lincls.main(["--pretrained", run, "--storage-path", runs, "--name", "lin",
+                        "--set", f"data={digits['train']}", "--set", f"val_data={digits['val']}", "--set", "res=16",
+                        "--set", "epochs=1", "--set", "eval_every=1", "--set", "random_baseline=false",
+                        "--set", "pixel_baseline=false", "--set", "checkpoint_every_steps=1000"]) == 0
+    end = read_metrics(f"{runs}/lin")[-1]
+    assert end["event"] == "end" and end["lincls_top1"] is not None and end["checkpoint"].startswith("s3://")
+    assert export_loads_into_timm(run, f"{runs}/exports/encoder.pt")
+    assert report.main([run]) == 0 and (storage.at(run) / "report" / "summary.md").is_file()
+
+
+def export_loads_into_timm(run, out):
+    """`moco_ray.export RUN --format timm` to a URI: the state_dict loads into timm's model, only its
+    classifier missing."""
+    import timm
+
+    assert export.main([run, "--out", out, "--format", "timm"]) == 0
+    model = timm.create_model(TIMM_ARCH[len("timm:"):], pretrained=False, num_classes=10)
+    result = model.load_state_dict(torch.load(io.BytesIO(storage.at(out).read_bytes())), strict=False)
+    return not result.unexpected_keys and {k.split(".")[0] for k in result.missing_keys} == {"fc"}

@@ -360,7 +360,7 @@ def test_cli_log_to_tensorboard_writes_the_run_records(ray_session, digits, tmp_
     from moco_ray.train import main
 
     args = tiny_run_args(digits, tmp_path, "tb", "--set", "epochs=1", "--set", "max_steps=6",
-                         "--log-to", "tensorboard")
+                         "--set", "knn_every=0", "--set", "knn_data=", "--log-to", "tensorboard")
     assert main(args) == 0
     written = [m for m in read_metrics(tmp_path / "tb") if m.get("loss") is not None]
     acc = tensorboard_events(tmp_path / "tb")
