@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-import test_storage
 import test_sweep
 from moco_ray import config as C, storage, trackers
 from moco_ray.progress import RunLog, read_metrics
@@ -15,8 +14,8 @@ from test_report import check_png
 from test_sweep import sweep_args
 from test_trackers import CONFIG, NAMES, feed, records, tensorboard_events
 
-# The fixtures of the moto S3 server (a bucket, a fresh prefix per test) and of the tiny sweep's data
-s3, prefix, tiny = test_storage.s3, test_storage.prefix, test_sweep.tiny
+# The tiny sweep's data (the moto S3 server's fixtures, s3 and prefix, are conftest's)
+tiny = test_sweep.tiny
 
 
 @pytest.fixture(autouse=True)
