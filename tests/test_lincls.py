@@ -58,7 +58,7 @@ def test_lincls_presets_are_the_papers_protocol():
     (["--pretrained", "/no/such/checkpoint"], "no such checkpoint or run directory"),
     (["--pretrained", "x", "--set", "lr=0"], "lr=0.0 must be > 0"),
     (["--pretrained", "x", "--set", "K=10"], "unknown config key 'K'"),
-    (["--pretrained", "x", "--config", "moco-v2"], "neither a preset (imagenet, demo)"),
+    (["--pretrained", "x", "--config", "moco-v2"], "neither a preset (imagenet, moco-v3, moco-v3-vit, demo)"),
     (["--pretrained", "x", "--num-workers", "2:1"], "MIN (2) is larger than MAX (1)"),
 ])
 def test_cli_rejects_bad_input_before_ray_starts(argv, message, capsys, tmp_path):
