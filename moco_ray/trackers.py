@@ -446,23 +446,20 @@ class TrackerThread:
         while True:
             record, line = self.queue.get()
             if isinstance(record, threading.Event):   # flush(): everything before it is delivered and copied
-                self._sync()
+                # a failed copy costs the records not copied yet; the next sync retries them
+                self._guarded(self.tracker.sync, "copying its files: ")
                 record.set()
                 continue
-            try:
-                self.tracker.handle(record, line)
-            except Exception as e:  # a tracker must never take the run log down
-                self.errors += 1
-                if self.errors == 1:
-                    _warn(f"{self.tracker.name}: {type(e).__name__}: {e} (records are lost, training goes on)")
+            self._guarded(lambda: self.tracker.handle(record, line), after=" (records are lost, training goes on)")
 
-    def _sync(self):
+    def _guarded(self, call, before="", after=""):
+        """call(); a tracker must never take the run log down: an exception is counted, the first one warned."""
         try:
-            self.tracker.sync()
-        except Exception as e:   # costs the records not copied yet; the next sync retries them
+            call()
+        except Exception as e:
             self.errors += 1
             if self.errors == 1:
-                _warn(f"{self.tracker.name}: copying its files: {type(e).__name__}: {e}")
+                _warn(f"{self.tracker.name}: {before}{type(e).__name__}: {e}{after}")
 
     def flush(self, timeout_s):
         """Wait (at most timeout_s) until the records submitted so far are delivered; True if they are."""
