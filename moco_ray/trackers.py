@@ -181,17 +181,20 @@ class Staging:
     copy, whole, one PUT each. A growing file is so uploaded again at each sync: the TensorBoard
     tracker rolls over to a new event file at ROLL_BYTES to bound that; W&B syncs only at its finish.
     A failed copy raises (the tracker's thread counts it); the next sync retries what it missed.
-    Memory: one file at a time."""
+    per_session=DIR copies DIR/X to DIR/SESSION/X instead, for a library that names its files by
+    something two sessions can share (W&B: the second it started and the run id, the same for a
+    resume that starts within the second the previous session did). Memory: one file at a time."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, per_session=None):
         run_dir = storage.at(run_dir)
         self.remote = None if run_dir.is_local else run_dir
+        self.per_session = per_session
         if self.remote is None:
             self.local = Path(run_dir.path)
         else:
             key = hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
-            session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            self.local = staging_root() / f"{run_dir.name}-{key}" / session
+            self.session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            self.local = staging_root() / f"{run_dir.name}-{key}" / self.session
         self.local.mkdir(parents=True, exist_ok=True)
         self.sent = {}                 # relative path -> (size, mtime_ns) of its last copy
         self.last = time.monotonic()   # of the last sync (or the start): the first copy is every_s after it
@@ -209,10 +212,14 @@ class Staging:
             stat = path.stat()
             rel, stamp = path.relative_to(self.local).as_posix(), (stat.st_size, stat.st_mtime_ns)
             if self.sent.get(rel) != stamp:
-                (self.remote / rel).write_bytes(path.read_bytes())
+                (self.remote / self._remote_path(rel)).write_bytes(path.read_bytes())
                 self.sent[rel] = stamp
                 copied += 1
         return copied
+
+    def _remote_path(self, rel):
+        top, _, rest = rel.partition("/")
+        return f"{top}/{self.session}/{rest}" if rest and top == self.per_session else rel
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,8 +387,9 @@ class MlflowTracker(Tracker):
 
 class WandbTracker(Tracker):
     """A W&B run with the id in RUN_DIR/wandb_run.json, resumed by that id; files under RUN_DIR/wandb/
-    (on a URI: staged, copied at the run's finish and the driver's flush).
-    WANDB_MODE=offline needs no network (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later);
+    (on a URI: staged, copied to RUN_DIR/wandb/SESSION/ at the run's finish and the driver's flush).
+    WANDB_MODE=offline needs no network (`wandb sync RUN_DIR/wandb/offline-run-*`, on a URI
+    RUN_DIR/wandb/*/offline-run-* once downloaded, uploads later);
     project $WANDB_PROJECT (default moco_ray). Charts use moco_step as their x axis, so the steps a
     restart redoes are logged again instead of being refused as going back."""
 
@@ -395,7 +403,7 @@ class WandbTracker(Tracker):
         run_id = state.get("id") or uuid.uuid4().hex[:12]
         if not state.get("id"):
             _write_json(self.run_dir / self.STATE, {"id": run_id})
-        self.staging = self.staging or Staging(self.run_dir)
+        self.staging = self.staging or Staging(self.run_dir, per_session="wandb")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "moco_ray"), id=run_id, resume="allow",
                               name=self.run_dir.name, dir=str(self.staging.local), reinit="finish_previous",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
