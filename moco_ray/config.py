@@ -72,6 +72,9 @@ class Config(TrainOptions):
     method: str = "moco"          # moco (v1/v2: by mlp and aug) | v2plus (v2, symmetric loss) | v3
     arch: str = "resnet50"        # torchvision ResNet or ViT, vit_small/vit_base (moco-v3's), timm:NAME
     small_stem: bool = False      # 3x3 conv1, no max-pool: for 32px data
+    width: int = 64               # ResNet: channels of the first stage (64 = torchvision's; each stage doubles it)
+    zero_init_residual: bool = False  # ResNet, v1/v2: every block starts as the identity (v3 always does,
+    #                               as moco-v3's main_moco.py)
     mlp: bool = True              # v2 MLP head; False = v1 linear head
     head_bn: bool = False         # BN after the MLP's hidden layer (not in the paper; the demo needs it)
     dim: int = 128                # D
@@ -312,7 +315,7 @@ def validate(cfg, max_workers=1, min_workers=None):
         return validate_lincls(cfg, max_workers)
     _check_values(cfg, CHOICES,
                   at_least_one=("dim", "mlp_dim", "K", "batch_size", "epochs", "res", "keep_checkpoints",
-                                "bn_splits", "knn_k", "knn_chunk", "loader_workers"),
+                                "bn_splits", "knn_k", "knn_chunk", "loader_workers", "width"),
                   positive=("lr", "knn_t"),
                   non_negative=("weight_decay", "momentum", "max_steps", "knn_every", "metrics_port",
                                 "report_every", "knn_bank_per_class", "max_batch_per_worker",
@@ -324,6 +327,8 @@ def validate(cfg, max_workers=1, min_workers=None):
         raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
     if cfg.head_bn and not cfg.mlp:
         raise ConfigError("head_bn=true needs the MLP head (mlp=true)")
+    if cfg.width != 64 and not cfg.arch.startswith(("resnet", "resnext", "wide_resnet")):
+        raise ConfigError(f"width={cfg.width}: only a torchvision ResNet's width can be set, not {cfg.arch}'s")
     _check_method(cfg)
     _check_placement(cfg, max_workers, ("data", "knn_data"))
     if cfg.method != "v3" and cfg.K < cfg.batch_size:

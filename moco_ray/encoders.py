@@ -13,13 +13,12 @@ ResNet keeps its own layout (its fc is the head, so its state dict is torchvisio
 different); any other backbone is wrapped as Encoder(backbone, fc).
 """
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from .model import SplitBatchNorm, SplitBatchNorm1d
+from .model import SplitBatchNorm1d, resnet
 
 # moco-v3's ViTs (its vits.py): ViT-S/16 has 12 heads of 32 channels, timm's vit_small has 6 of 64
 MOCO_VITS = {"vit_small": ("vit_small_patch16_224", dict(num_heads=12)),
@@ -69,22 +68,19 @@ class Encoder(nn.Module):
 
 
 def build_backbone(arch, res=224, small_stem=False, num_splits=1, zero_init_residual=False,
-                   stop_grad_conv1=False):
+                   stop_grad_conv1=False, width=64):
     """(backbone, feature_dim): a module from images to pooled features, randomly initialised.
 
     The feature dimension is found by one forward pass of two black images of res x res through the
     backbone in eval mode, whatever the architecture: it needs no per-family attribute (fc.in_features,
-    hidden_dim, num_features) and checks that the classifier is gone. ResNets use SplitBatchNorm
-    (split-BN and SyncBN conversion apply); ViTs get moco-v3's fixed 2-D sin-cos position embedding,
-    and with stop_grad_conv1 its frozen random patch projection."""
+    hidden_dim, num_features) and checks that the classifier is gone. ResNets are moco_ray.model.resnet's
+    (SplitBatchNorm, so split-BN and SyncBN conversion apply; width scales their stages); ViTs get
+    moco-v3's fixed 2-D sin-cos position embedding, and with stop_grad_conv1 its frozen random patch
+    projection."""
     family = kind(arch)
     if family == "resnet":
-        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual,
-                                                norm_layer=partial(SplitBatchNorm, num_splits=num_splits))
-        if small_stem:  # 32px images: 3x3 stride-1 conv1 and no max-pool
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-            net.maxpool = nn.Identity()
+        net = resnet(arch, small_stem=small_stem, num_splits=num_splits, zero_init_residual=zero_init_residual,
+                     width=width)
         net.fc = nn.Identity()
     elif family == "vit":
         net = getattr(torchvision.models, arch)(weights=None, image_size=res)
@@ -184,14 +180,15 @@ def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True, num_splits=1):
 
 
 def build_v3_encoders(arch, dim=256, mlp_dim=4096, res=224, small_stem=False, num_splits=1,
-                      stop_grad_conv1=False):
+                      stop_grad_conv1=False, width=64):
     """(base encoder = backbone + projector, predictor) as moco-v3's builder.py. ViTs (any model
     with a patch embedding) get a 3-layer projector and a 2-layer predictor with its last BN; every
     other backbone the ResNet recipe: a 2-layer projector and a 2-layer predictor without its last
     BN (torchvision ResNets also start with zero-initialised residual BN, as main_moco.py)."""
     family = kind(arch)
     backbone, features = build_backbone(arch, res, small_stem, num_splits,
-                                        zero_init_residual=family == "resnet", stop_grad_conv1=stop_grad_conv1)
+                                        zero_init_residual=family == "resnet", stop_grad_conv1=stop_grad_conv1,
+                                        width=width)
     vit = family == "vit" or hasattr(backbone, "patch_embed")
     projector = mlp(3 if vit else 2, features, mlp_dim, dim, num_splits=num_splits)
     if family == "resnet":

@@ -159,7 +159,7 @@ def to_detectron2(backbone):
 def to_moco_v3(backbone, head, arch, cfg, epoch, momentum=None, predictor=None):
     """The authors' v3 layout: their main_moco.py saves the DDP-wrapped builder's state_dict, the
     projector as the base encoder's head (V3_HEAD). `momentum` (backbone, head) and `predictor`
-    are left out when absent. res and small_stem let load_backbone rebuild the backbone."""
+    are left out when absent. res, small_stem and width let load_backbone rebuild the backbone."""
     name = V3_HEAD[family(arch)]
     clash = [k for k in backbone if k.startswith(name + ".")]
     if clash:
@@ -175,7 +175,7 @@ def to_moco_v3(backbone, head, arch, cfg, epoch, momentum=None, predictor=None):
         state.update(encoder("module.momentum_encoder.", momentum))
     state.update({"module.predictor." + k: v for k, v in (predictor or {}).items()})
     return {"state_dict": state, "arch": arch, "epoch": epoch, "res": cfg.get("res", 224),
-            "small_stem": bool(cfg.get("small_stem"))}
+            "small_stem": bool(cfg.get("small_stem")), "width": cfg.get("width", 64)}
 
 
 def check_family(fmt, arch):
@@ -230,20 +230,24 @@ def save(path, obj, pickled=False):
 # ----------------------------------------------------------------------------------------------------
 
 def infer_arch(backbone):
-    """(arch, small_stem) of a torchvision ResNet state_dict: bottleneck blocks have conv3."""
+    """(arch, small_stem, res, width) of a torchvision ResNet state_dict: bottleneck blocks have
+    conv3; the stem's output channels are the width (moco_ray.model.ScaledResNet)."""
     if "conv1.weight" not in backbone:
         raise ExportError("not a ResNet state_dict (no conv1.weight)")
     arch = "resnet50" if "layer1.0.conv3.weight" in backbone else "resnet18"
-    return arch, backbone["conv1.weight"].shape[-1] == 3
+    return arch, backbone["conv1.weight"].shape[-1] == 3, 224, backbone["conv1.weight"].shape[0]
 
 
 class Pretrained(NamedTuple):
     """A pretrained backbone: its state dict (the keys of its own model, no head) and what rebuilds
-    it with moco_ray.encoders.build_backbone (res: the image size a ViT's position embedding has)."""
+    it with moco_ray.encoders.build_backbone (res: the image size a ViT's position embedding has;
+    width and zero_init_residual: a ResNet's, moco_ray.model.resnet)."""
     backbone: dict
     arch: str
     small_stem: bool
     res: int = 224
+    width: int = 64
+    zero_init_residual: bool = False
 
 
 def load_pretrained(path):
@@ -253,7 +257,8 @@ def load_pretrained(path):
     path = location(path)
     if not path.is_file():
         backbone, cfg = backbone_state_dict(path)
-        return Pretrained(backbone, cfg["arch"], bool(cfg.get("small_stem")), cfg.get("res", 224))
+        return Pretrained(backbone, cfg["arch"], bool(cfg.get("small_stem")), cfg.get("res", 224),
+                          cfg.get("width", 64), bool(cfg.get("zero_init_residual") or cfg.get("method") == "v3"))
     try:
         with path.open_input() as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -264,7 +269,8 @@ def load_pretrained(path):
         head = V3_HEAD[family(obj["arch"])] + "."
         backbone = {k[len(V3_PREFIX):]: v for k, v in obj["state_dict"].items()
                     if k.startswith(V3_PREFIX) and not k.startswith(V3_PREFIX + head)}
-        return Pretrained(backbone, obj["arch"], bool(obj.get("small_stem")), obj.get("res", 224))
+        return Pretrained(backbone, obj["arch"], bool(obj.get("small_stem")), obj.get("res", 224),
+                          obj.get("width", 64))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = {k[len(MOCO_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(MOCO_PREFIX)}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -304,6 +310,8 @@ def main(argv=None):
 def export_note(fmt, cfg):
     """What a user must pass to load the export into the stock model, when anything."""
     arch, res = cfg["arch"], cfg.get("res", 224)
+    if cfg.get("width", 64) != 64:
+        return f" (stages {cfg['width']} channels wide, not 64: moco_ray.model.resnet(..., width={cfg['width']}))"
     if cfg.get("small_stem"):
         return " (small 3x3 stem: conv1 differs from the stock model)"
     if fmt in ("torchvision", "timm") and encoders.is_vit(arch) and res != 224:

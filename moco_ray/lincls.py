@@ -41,7 +41,7 @@ def lincls_func(loop_config):
                loop_config.get("run_dir")).run()
 
 
-def build_classifier(arch, small_stem, num_classes, res=224):
+def build_classifier(arch, small_stem, num_classes, res=224, width=64):
     """The pretraining's backbone with a new linear layer `fc` on its pooled features (a ViT's class
     token, as moco-v3's main_lincls.py): N(0, 0.01) weights and zero bias, the only parameters that
     require a gradient. A torchvision ResNet is moco_ray.model.build_encoder's (its fc the layer);
@@ -51,7 +51,7 @@ def build_classifier(arch, small_stem, num_classes, res=224):
     from moco_ray.model import build_encoder
 
     if encoders.kind(arch) == "resnet":
-        net = build_encoder(arch, num_classes, mlp=False, small_stem=small_stem)
+        net = build_encoder(arch, num_classes, mlp=False, small_stem=small_stem, width=width)
     else:
         backbone, features = encoders.build_backbone(arch, res, small_stem)
         net = encoders.Encoder(backbone, torch.nn.Linear(features, num_classes))
@@ -137,8 +137,8 @@ class LinclsLoop(Loop):
 
     def pretrained_classifier(self):
         """(arch, the classifier with the pretrained backbone loaded)."""
-        reference, arch, small_stem, res = export.load_pretrained(self.cfg.pretrained)
-        net = build_classifier(arch, small_stem, self.info["num_classes"], res)
+        reference, arch, small_stem, res, width, _ = export.load_pretrained(self.cfg.pretrained)
+        net = build_classifier(arch, small_stem, self.info["num_classes"], res, width)
         with frozen_part(net) as backbone:
             missing, unexpected = backbone.load_state_dict(reference, strict=False)
         if missing or unexpected:
@@ -288,10 +288,11 @@ def random_init_export(path, pretrained, seed):
     from moco_ray import encoders
     from moco_ray.model import build_encoder
 
-    _, arch, small_stem, res = export.load_pretrained(pretrained)
+    _, arch, small_stem, res, width, zero_init_residual = export.load_pretrained(pretrained)
     torch.manual_seed(seed)
     if encoders.kind(arch) == "resnet":
-        encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem)
+        encoder = build_encoder(arch, 128, mlp=False, small_stem=small_stem, zero_init_residual=zero_init_residual,
+                                width=width)
         export.write(path, "torchvision", encoder.state_dict(), {"arch": arch}, 0)   # a path or URI
         return
     backbone = encoders.build_backbone(arch, res, small_stem)[0]

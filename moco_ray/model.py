@@ -67,22 +67,57 @@ def set_bn_splits(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
+class ScaledResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with the width of every stage scaled by width / 64: stage i has
+    width * 2**i channels (times the block's expansion) instead of 64 * 2**i. Blocks, strides and
+    initialisation are torchvision's; width=64 is torchvision's model, parameter for parameter.
+    Compute and parameters scale as (width / 64)**2: width 16 costs 1/16 of the standard model."""
+
+    def __init__(self, block, layers, width=64, num_classes=1000, **kw):
+        self.width = width
+        super().__init__(block, layers, num_classes=num_classes, **kw)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = self._norm_layer(width)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:   # the first stage: its input is the stem's output
+            self.inplanes = self.width
+        return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
+
+
+def resnet(arch, num_classes=1000, small_stem=False, num_splits=1, zero_init_residual=False, width=64):
+    """A randomly initialised torchvision ResNet with SplitBatchNorm (split-BN and SyncBN conversion
+    apply). small_stem: a 3x3 stride-1 conv1 and no max-pool, for 32px images. zero_init_residual:
+    each residual branch's last BN starts at zero, so every block starts as the identity (moco-v3's
+    main_moco.py; Goyal et al. 2017). width: ScaledResNet's, 64 = torchvision's own."""
+    if not (arch.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(torchvision.models, arch)):
+        raise ValueError(f"arch must be a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}")
+    norm = partial(SplitBatchNorm, num_splits=num_splits)
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, norm_layer=norm,
+                                            zero_init_residual=zero_init_residual)
+    if width != 64:
+        net = ScaledResNet(type(net.layer1[0]), [len(stage) for stage in (net.layer1, net.layer2, net.layer3,
+                                                                          net.layer4)],
+                           width, num_classes, norm_layer=norm, zero_init_residual=zero_init_residual,
+                           groups=net.groups, width_per_group=net.base_width)
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    return net
+
+
 def build_encoder(arch: str, dim: int, mlp: bool, small_stem: bool, num_splits: int = 1,
-                  head_bn: bool = False) -> nn.Module:
-    """A torchvision ResNet whose `fc` is the MoCo head (v1: linear; v2: MLP when mlp=True).
+                  head_bn: bool = False, zero_init_residual: bool = False, width: int = 64) -> nn.Module:
+    """A torchvision ResNet (see resnet()) whose `fc` is the MoCo head (v1: linear; v2: MLP when mlp=True).
 
     head_bn puts a BatchNorm between the MLP's hidden layer and its ReLU (SimCLR, MoCo v3). It is
     not in the MoCo papers; the demo needs it: on the digits, whose images share one black
     background, every image has nearly the same features at init, and without it the query
     encoder collapses to one output within the first steps and never recovers."""
-    if not (arch.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(torchvision.models, arch)):
-        raise ValueError(f"arch must be a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}")
-    net = getattr(torchvision.models, arch)(
-        weights=None, num_classes=dim, norm_layer=partial(SplitBatchNorm, num_splits=num_splits))
-    if small_stem:  # 32px images: 3x3 stride-1 conv1 and no max-pool
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        net.maxpool = nn.Identity()
+    net = resnet(arch, dim, small_stem, num_splits, zero_init_residual, width)
     if mlp:  # hidden width = feature width: 2048 for resnet50, 512 for resnet18
         dim_mlp = net.fc.weight.shape[1]
         hidden = [SplitBatchNorm1d(dim_mlp, num_splits)] if head_bn else []

@@ -32,7 +32,7 @@ class MoCo(nn.Module):
 
     def __init__(self, arch="resnet50", dim=128, K=65536, m=0.999, T=0.07, mlp=False,
                  small_stem=False, bn="shuffle", bn_splits=8, seed=0, group=None, head_bn=False,
-                 precision="fp32", channels_last=False):
+                 precision="fp32", channels_last=False, zero_init_residual=False, width=64):
         super().__init__()
         if bn not in ("shuffle", "sync", "split"):
             raise ValueError(f"bn must be shuffle, sync or split, got {bn!r}")
@@ -42,7 +42,8 @@ class MoCo(nn.Module):
         self.rank, self.world_size = world(group)
         self.split_bn = bn == "split" or (bn == "shuffle" and self.world_size == 1)
 
-        self.encoder_q = build_encoder(arch, dim, mlp, small_stem, head_bn=head_bn)
+        self.encoder_q = build_encoder(arch, dim, mlp, small_stem, head_bn=head_bn,
+                                       zero_init_residual=zero_init_residual, width=width)
         if bn == "sync":
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q, group)
         self.encoder_k = copy.deepcopy(self.encoder_q)

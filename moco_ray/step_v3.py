@@ -116,7 +116,7 @@ class MoCoV3(nn.Module):
 
     def __init__(self, arch="resnet50", dim=256, mlp_dim=4096, m=0.99, T=1.0, res=224, small_stem=False,
                  bn="sync", bn_splits=1, stop_grad_conv1=False, group=None, precision="fp32",
-                 channels_last=False, encoders=None):
+                 channels_last=False, encoders=None, width=64):
         super().__init__()
         if bn not in ("sync", "split"):
             raise ValueError(f"MoCo v3 normalises with bn=sync or bn=split, got {bn!r}")
@@ -124,7 +124,8 @@ class MoCoV3(nn.Module):
         self.precision, self.channels_last = precision, channels_last
         self.rank, self.world_size = world(group)
         if encoders is None:
-            encoders = build_v3_encoders(arch, dim, mlp_dim, res, small_stem, stop_grad_conv1=stop_grad_conv1)
+            encoders = build_v3_encoders(arch, dim, mlp_dim, res, small_stem, stop_grad_conv1=stop_grad_conv1,
+                                         width=width)
         self.encoder_q = QueryEncoder(*encoders)
         if bn == "sync":
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q, group)

@@ -73,11 +73,13 @@ def build_model(cfg):
     from moco_ray.step_v3 import MoCoV2Plus, MoCoV3
 
     shared = dict(arch=cfg.arch, dim=cfg.dim, m=cfg.m, T=cfg.T, small_stem=cfg.small_stem, bn=cfg.bn,
-                  bn_splits=cfg.bn_splits, precision=cfg.precision, channels_last=cfg.channels_last == "true")
+                  bn_splits=cfg.bn_splits, precision=cfg.precision, channels_last=cfg.channels_last == "true",
+                  width=cfg.width)
     if cfg.method == "v3":
         return MoCoV3(mlp_dim=cfg.mlp_dim, res=cfg.res, stop_grad_conv1=cfg.stop_grad_conv1, **shared)
     step = MoCoV2Plus if cfg.method == "v2plus" else MoCo
-    return step(K=cfg.K, mlp=cfg.mlp, seed=cfg.seed, head_bn=cfg.head_bn, **shared)
+    return step(K=cfg.K, mlp=cfg.mlp, seed=cfg.seed, head_bn=cfg.head_bn, zero_init_residual=cfg.zero_init_residual,
+                **shared)
 
 
 def queue_age(queue, step):
