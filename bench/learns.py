@@ -50,7 +50,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clutter", action="append", default=[], metavar="KEY=JSON",
                    help="a scene parameter of the cluttered dataset (data_prep.demo.CLUTTER), e.g. "
-                        "tint=0.05 or 'scale=[0.6,0.95]'; needs --data, so the default cache stays as it is")
+                        "tint=0.05 or 'scale=[0.6,0.95]': trains on that dataset; needs --data, so the "
+                        "default cache stays as it is")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from data_prep import demo
@@ -65,11 +66,12 @@ def main(argv=None):
         value = json.loads(value)
         demo.CLUTTER[key] = tuple(value) if isinstance(value, list) else value
 
-    paths = build_demo(args.data)
+    paths = build_demo(args.data, "cluttered" if args.clutter else demo.DEFAULT)
     cfg = C.load("demo", [f"data={paths['train']}", f"knn_data={paths['val']}", *args.set])
     torch.manual_seed(cfg.seed)
     model = MoCo(arch=cfg.arch, dim=cfg.dim, K=cfg.K, m=cfg.m, T=cfg.T, mlp=cfg.mlp, small_stem=cfg.small_stem,
-                 bn="split", bn_splits=cfg.bn_splits * args.workers, seed=cfg.seed, head_bn=cfg.head_bn)
+                 bn="split", bn_splits=cfg.bn_splits * args.workers, seed=cfg.seed, head_bn=cfg.head_bn,
+                 zero_init_residual=cfg.zero_init_residual, width=cfg.width)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     with backbone_of(model.encoder_q) as backbone:

@@ -53,6 +53,12 @@ def normalize_(x, top=1.0):
     return torch.addcmul(b, x, a, out=x)
 
 
+def denormalize(x):
+    """The inverse of normalize_: a normalised batch back in [0, 1] (a new tensor)."""
+    a, b = _affine(x.device, 1.0)
+    return (x - b) / a
+
+
 def _col(f):
     return f.view(-1, 1, 1, 1)
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moco_ray import collectives
+from moco_ray.augment import denormalize
 
 CHUNK = 256   # default queries per round (config knn_chunk)
 
@@ -128,10 +129,20 @@ def knn_top1(backbone, bank_loader, query_loader, num_classes, k, t, device, chu
     return top1(pred, query_labels)
 
 
+class RawPixels(torch.nn.Module):
+    """The loaders' normalised images back in [0, 1], flattened (3 * res * res features). The cosine
+    of raw pixels is the stronger baseline: after the mean/std normalisation a black background
+    becomes a large constant that every image shares, and it swamps the similarities the ink makes
+    (the glyphs: 37.9% kNN top-1 normalised, 67.7% raw)."""
+
+    def forward(self, x):
+        return denormalize(x).flatten(1)
+
+
 def pixels_top1(bank_loader, query_loader, num_classes, k, t, device, chunk=CHUNK):
-    """The baseline without an encoder: knn_top1 of the flattened input pixels, at the resolution and
-    normalisation the encoders see (3 * res * res features per image)."""
-    return knn_top1(torch.nn.Flatten(), bank_loader, query_loader, num_classes, k, t, device, chunk)
+    """The baseline without an encoder: knn_top1 of the raw input pixels (RawPixels), at the
+    resolution the encoders see."""
+    return knn_top1(RawPixels(), bank_loader, query_loader, num_classes, k, t, device, chunk)
 
 
 def peak_bytes(n, q, world, dim, num_classes, k=200, chunk=CHUNK):

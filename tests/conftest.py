@@ -70,11 +70,11 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cluttered(tmp_path_factory):
-    """The default embedded dataset (5748 train, 720 val scenes), built once per session (~20 s)."""
+def glyphs(tmp_path_factory):
+    """The default embedded dataset (6400 train, 1000 val scenes), built once per session."""
     from data_prep.demo import build_demo
 
-    return build_demo(tmp_path_factory.mktemp("cluttered"), "cluttered")
+    return build_demo(tmp_path_factory.mktemp("glyphs"), "glyphs")
 
 
 def tiny_run_args(digits, storage, name, *extra):

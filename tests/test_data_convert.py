@@ -195,8 +195,26 @@ def test_demo_end_to_end(tmp_path):
     assert time.perf_counter() - t < 1.0
 
 
+def test_glyph_scenes_split_by_face_and_show_only_their_glyph():
+    """The default embedded dataset: the train faces and the val faces share no face, every digit of
+    every face has SCENES_PER_GLYPH[split] scenes, each white on black, never blank, and its ink
+    inside the evaluation's center crop."""
+    from data_prep.demo import FACES, SCENES_PER_GLYPH, split_images
+
+    assert not set(FACES[0]) & set(FACES[1])
+    splits = split_images("glyphs", 32, 0.2, 0)
+    for (images, labels), faces, per in zip(splits.values(), FACES, SCENES_PER_GLYPH.values()):
+        assert images.shape == (len(faces) * 10 * per, 32, 32, 3)
+        assert np.array_equal(np.bincount(labels), [len(faces) * per] * 10)
+        assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()
+        assert images.reshape(len(images), -1).max(1).min() > 128           # never blank
+        assert images[:, :2].max() == images[:, -2:].max() == 0             # nothing in the cropped margin
+        assert images[:, :, :2].max() == images[:, :, -2:].max() == 0
+    assert len(splits["train"][1]) >= 5000
+
+
 def test_cluttered_scenes_split_by_scan_and_drawn_per_rendering():
-    """The default embedded dataset: every scan of a split rendered RENDERINGS[split] times, no scan
+    """The cluttered embedded dataset: every scan of a split rendered RENDERINGS[split] times, no scan
     in both splits, and nothing but the digit shared by the renderings of one scan."""
     from data_prep.demo import RENDERINGS, scans, split_images
 
