@@ -72,7 +72,8 @@ class Config(TrainOptions):
     method: str = "moco"          # moco (v1/v2: by mlp and aug) | v2plus (v2, symmetric loss) | v3
     arch: str = "resnet50"        # torchvision ResNet or ViT, vit_small/vit_base (moco-v3's), timm:NAME
     small_stem: bool = False      # 3x3 conv1, no max-pool: for 32px data
-    width: int = 64               # ResNet: channels of the first stage (64 = torchvision's; each stage doubles it)
+    width: int = 64               # ResNet: channels of the first stage (64 = torchvision's; each stage doubles
+    #                               it); like small_stem, other backbones keep their own
     zero_init_residual: bool = False  # ResNet, v1/v2: every block starts as the identity (v3 always does,
     #                               as moco-v3's main_moco.py)
     mlp: bool = True              # v2 MLP head; False = v1 linear head
@@ -331,8 +332,6 @@ def validate(cfg, max_workers=1, min_workers=None):
         raise ConfigError(f"m={cfg.m}: the momentum must be in [0, 1)")
     if cfg.head_bn and not cfg.mlp:
         raise ConfigError("head_bn=true needs the MLP head (mlp=true)")
-    if cfg.width != 64 and not cfg.arch.startswith(("resnet", "resnext", "wide_resnet")):
-        raise ConfigError(f"width={cfg.width}: only a torchvision ResNet's width can be set, not {cfg.arch}'s")
     _check_method(cfg)
     _check_placement(cfg, max_workers, ("data", "knn_data"))
     if cfg.method != "v3" and cfg.K < cfg.batch_size:

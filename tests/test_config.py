@@ -36,7 +36,8 @@ def test_set_coerces_types():
     (["optimizer=rmsprop"], "optimizer='rmsprop': choose one of sgd, lars, adamw"),
     (["method=v4"], "method='v4'"),
     (["m_schedule=linear"], "m_schedule='linear'"),
-    (["warmup_epochs=6"], "warmup_epochs=6 must be fewer than epochs=6"),   # the demo trains 6 epochs
+    (["warmup_epochs=40"], "warmup_epochs=40 must be fewer than epochs=40"),   # the demo trains 40 epochs
+    (["width=0"], "width=0"),
     (["arch=resnet7"], "arch='resnet7': use a torchvision ResNet"),
     (["arch=timm:no_such_net", "method=v3", "bn=split"], "timm 1.0.31 has no model 'no_such_net'"),
     (["arch=vit_b_16"], "method=moco trains torchvision ResNets; use method=v3"),
@@ -56,8 +57,10 @@ def test_plain_config_is_safe_at_imagenet_scale():
     assert (cfg.knn_every, cfg.knn_bank_per_class) == (10, 100)
     assert (cfg.checkpoint_every_s, cfg.checkpoint_every_steps) == (600, 0)
     assert C.validate(C.LinclsConfig(pretrained="x")).checkpoint_every_s == 600
-    for demo in (C.preset("demo"), C.preset("demo", C.LinclsConfig)):   # the tests' runs: by steps alone
-        assert (demo.checkpoint_every_s, demo.checkpoint_every_steps) == (0, 100)
+    # the demos' runs checkpoint by steps alone: the tests that kill and resume them replay the same steps
+    assert (C.preset("demo").checkpoint_every_s, C.preset("demo").checkpoint_every_steps) == (0, 500)
+    assert (C.preset("demo", C.LinclsConfig).checkpoint_every_s,
+            C.preset("demo", C.LinclsConfig).checkpoint_every_steps) == (0, 100)
 
 
 def test_yaml_config_round_trip(tmp_path):

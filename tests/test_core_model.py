@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from moco_ray.model import SplitBatchNorm, SplitBatchNorm1d, build_encoder, momentum_update
+from moco_ray.model import SplitBatchNorm, SplitBatchNorm1d, build_encoder, momentum_update, resnet
 
 
 @pytest.mark.parametrize("arch,hidden", [("resnet18", 512), ("resnet50", 2048)])
@@ -91,3 +91,30 @@ def test_split_bn_keeps_channels_last():
     assert y_plain.is_contiguous()
     torch.testing.assert_close(y_last, y_plain)
     torch.testing.assert_close(last.running_var, plain.running_var)
+
+
+def test_width_64_is_torchvisions_resnet_and_narrower_ones_scale_every_stage():
+    torch.manual_seed(0)
+    ours = resnet("resnet18")
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+
+    full = sum(p.numel() for p in resnet("resnet18", small_stem=True).parameters())
+    narrow = resnet("resnet18", num_classes=10, small_stem=True, zero_init_residual=True, width=16)
+    widths = [narrow.conv1.out_channels] + [stage[-1].conv2.out_channels
+                                            for stage in (narrow.layer1, narrow.layer2, narrow.layer3, narrow.layer4)]
+    assert widths == [16, 16, 32, 64, 128] and narrow.fc.in_features == 128
+    assert 0.9 / 16 < sum(p.numel() for p in narrow.parameters()) / full < 1.1 / 16   # (width / 64)**2
+    assert all(not block.bn2.weight.any() for stage in (narrow.layer1, narrow.layer4) for block in stage)
+    assert narrow(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+    bottleneck = resnet("resnet50", width=32)
+    assert bottleneck.layer4[-1].conv3.out_channels == 1024 and bottleneck.fc.in_features == 1024
+
+
+def test_the_width_survives_an_export():
+    from moco_ray import export
+
+    encoder = build_encoder("resnet18", 128, mlp=True, small_stem=True, width=16)
+    backbone = {k: v for k, v in encoder.state_dict().items() if not k.startswith("fc.")}
+    assert export.infer_arch(backbone) == ("resnet18", True, 224, 16)
