@@ -3,7 +3,7 @@
 setup:
 	bash scripts/setup.sh
 
-# (1) the main job: a short MoCo pretraining on the embedded digits, local Ray, 2 CPU workers, kNN at the end
+# (1) the main job: a short MoCo pretraining on the embedded glyphs, local Ray, 2 CPU workers, kNN next to both baselines
 demo: setup
 	RAY_AUTH_MODE=disabled .venv/bin/python -m moco_ray.train
 

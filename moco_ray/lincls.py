@@ -1,7 +1,7 @@
 """python -m moco_ray.lincls: linear classification on frozen features, the MoCo paper's protocol (the
 authors' main_lincls.py), on Ray Train with the loop, order, checkpoints and metrics of pretraining.
 
-    python -m moco_ray.lincls --pretrained RUN_DIR                # demo: the digits, 2 CPU workers
+    python -m moco_ray.lincls --pretrained RUN_DIR                # demo: the glyphs, 2 CPU workers
     python -m moco_ray.lincls --config imagenet --pretrained CKPT --num-workers 8:16 \\
         --set data=/data/in1k-ffcv/train --set val_data=/data/in1k-ffcv/val
 
