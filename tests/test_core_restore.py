@@ -68,7 +68,7 @@ def test_restore_lands_on_the_device_the_model_was_moved_to(tmp_path):
 
 def test_restore_moco_refuses_a_model_moved_after_the_restore(tmp_path):
     path, _ = save_checkpoint(tmp_path, step=3, group=1)
-    model = MoCo(arch="resnet18", dim=16, K=K, small_stem=True, mlp=True, head_bn=True)
+    model = MoCo(arch="resnet18", dim=16, K=K, small_stem=True, mlp=True, head_bn=True, width=small_cfg().width)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     assert train_state.restore_moco(path, model, optimizer, scaler, "cpu")["progress"]["step"] == 3
