@@ -13,10 +13,12 @@ TIMM_VIT = "timm:vit_tiny_patch16_224"
 
 
 def pretrain_checkpoint(path, steps=2, **overrides):
-    """A rank-0 checkpoint of the demo-v3 preset (tiny sizes, overrides applied) after `steps` SGD
-    steps on random images (v3 only: the momentum encoder then differs from the query's base);
-    returns (checkpoint directory, model)."""
-    cfg = C.for_device(C.apply_overrides(C.preset("demo-v3"), {"small_stem": False, **overrides}), cuda=False)
+    """A rank-0 checkpoint of the demo-v3 preset (tiny sizes, overrides applied; a ResNet at the
+    stock width and stem, so that its exports load into the stock models) after `steps` SGD steps
+    on random images (v3 only: the momentum encoder then differs from the query's base); returns
+    (checkpoint directory, model)."""
+    cfg = C.for_device(C.apply_overrides(C.preset("demo-v3"), {"small_stem": False, "width": 64, **overrides}),
+                       cuda=False)
     torch.manual_seed(0)
     model = build_model(cfg)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
