@@ -310,7 +310,7 @@ def main(argv=None):
 def export_note(fmt, cfg):
     """What a user must pass to load the export into the stock model, when anything."""
     arch, res = cfg["arch"], cfg.get("res", 224)
-    if cfg.get("width", 64) != 64:
+    if encoders.kind(arch) == "resnet" and cfg.get("width", 64) != 64:
         return f" (stages {cfg['width']} channels wide, not 64: moco_ray.model.resnet(..., width={cfg['width']}))"
     if cfg.get("small_stem"):
         return " (small 3x3 stem: conv1 differs from the stock model)"

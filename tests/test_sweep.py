@@ -51,6 +51,7 @@ def tiny(tmp_path_factory):
 def sweep_args(tiny, storage, name, *extra):
     # pinned here rather than taken from the demo preset, which changes with the demo
     sets = [f"data={tiny['train']}", f"knn_data={tiny['val']}", "arch=resnet18", "small_stem=false",
+            "width=64", "zero_init_residual=false", "weight_decay=0.0001", "crop_min=0.5",
             "res=32", "lr=0.06", "batch_size=32", "K=256", "epochs=2", "knn_every=1", "knn_k=10",
             "report_every=5", "loader_workers=1", "checkpoint_every_steps=100", "keep_checkpoints=1"]
     args = ["--config", "demo", "--storage-path", str(storage), "--name", name, "--workers-per-trial", "1"]
@@ -325,15 +326,15 @@ def test_queue_size_sweep_trains_each_K_and_plots_against_it(ray_session, tiny, 
 # The momentum ablation (README, "Sweeps"), cut to two trials
 # ----------------------------------------------------------------------------------------------------
 
-# the README's ablation trials (15 epochs, kNN every 5), stopped after their first 5 epochs
+# the ablation trials of docs/results.md (15 epochs, kNN every 5), stopped after their first 5 epochs
 ABLATION_SETS = ("epochs=15", "knn_every=5", "max_steps=110")   # 22 steps an epoch
 
 
 @pytest.mark.slow
 def test_momentum_ablation_m0_ends_below_m099(digits, tmp_path):
-    """The README's ablation command with m=0 and m=0.99 only, through the CLI with its own local
+    """docs/results.md's ablation command with m=0 and m=0.99 only, through the CLI with its own local
     Ray: one worker per trial, two at a time, each stopped after 5 of its 15 epochs. The ordering
-    asserted is the one the README reports at epoch 5 of the ablation's runs."""
+    asserted is the one docs/results.md reports at epoch 5 of the ablation's runs."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     args = ["--config", "demo", "--tau", "0.2", "--m", "0,0.99", "--scheduler", "fifo",
