@@ -167,9 +167,9 @@ def _scaled(glyph, side, rng, scale):
 
 def glyph_scene(glyphs, size, rng, scale=GLYPH_SCALE, tries=20):
     """One white-on-black scene (size, size) uint8 of the given glyphs, each scaled (_scaled) and
-    placed at random inside the evaluation's center crop (data.EVAL_CROP, so evaluation sees every
+    placed at random inside the evaluation's center crop (data_prep.manifest.EVAL_CROP, so evaluation sees every
     glyph whole), apart from the others where `tries` random positions find room."""
-    margin = int(np.ceil(size * (1 - 224 / 256) / 2))
+    margin = int(np.ceil(size * (1 - M.EVAL_CROP) / 2))
     scene, boxes = np.zeros((size, size), np.float32), []
     for glyph in glyphs:
         ink = _scaled(glyph, size, rng, scale)

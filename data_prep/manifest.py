@@ -27,6 +27,10 @@ SKIPPED = "skipped.parquet"
 # image: it stays in the shard (the writer cannot drop rows) and never appears in the manifest.
 IMAGE, LABEL, ID = "image", "label", "id"
 
+# The evaluation's center crop over its resize (the ImageNet protocol's 224 of 256): the loaders crop
+# evaluation images by it, and the embedded demo datasets draw their content inside it.
+EVAL_CROP = 224 / 256
+
 SCHEMA = pa.schema([
     pa.field("id", pa.int64()),            # index in ImageFolder(src).samples
     pa.field("shard", pa.int32()),         # shard number (file: shard_name(shard))

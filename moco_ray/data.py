@@ -40,7 +40,6 @@ from data_prep import manifest
 from moco_ray.augment import augment
 
 CROP_SCALE = (0.2, 1.0)      # MoCo's RandomResizedCrop scale
-EVAL_CROP = 224 / 256        # center crop / resize, as the ImageNet evaluation protocol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def _pipelines(kind, res, scale=CROP_SCALE, views=2):
 
     ints = {manifest.LABEL: [IntDecoder(), ToTensor()], manifest.ID: [IntDecoder(), ToTensor()]}
     if kind == "eval":
-        return {manifest.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP), ToTensor(),
+        return {manifest.IMAGE: [CenterCropRGBImageDecoder((res, res), ratio=manifest.EVAL_CROP), ToTensor(),
                           ToTorchImage()], **ints}
 
     # both views from one decode: (B, 2, 3, res, res) uint8, view q then view k (see two_views)
@@ -489,7 +488,7 @@ def _folder_transforms(kind, res, scale=CROP_SCALE, views=2):
     from torchvision.transforms import v2 as T
 
     if kind == "eval":
-        return [T.Compose([T.Resize(round(res / EVAL_CROP)), T.CenterCrop(res), T.PILToTensor()])]
+        return [T.Compose([T.Resize(round(res / manifest.EVAL_CROP)), T.CenterCrop(res), T.PILToTensor()])]
     return [T.Compose([T.RandomResizedCrop(res, scale=scale, antialias=True),
                        T.RandomHorizontalFlip(), T.PILToTensor()]) for _ in range(views)]
 

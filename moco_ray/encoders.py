@@ -179,6 +179,12 @@ def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True, num_splits=1):
     return nn.Sequential(*layers)
 
 
+def residuals_start_at_zero(method, asked=False):
+    """Whether a ResNet's residual branches start at zero, each block the identity: always for v3 (moco-v3's
+    main_moco.py), for v1/v2 when the config asks (its zero_init_residual)."""
+    return method == "v3" or bool(asked)
+
+
 def build_v3_encoders(arch, dim=256, mlp_dim=4096, res=224, small_stem=False, num_splits=1,
                       stop_grad_conv1=False, width=64):
     """(base encoder = backbone + projector, predictor) as moco-v3's builder.py. ViTs (any model
@@ -187,8 +193,8 @@ def build_v3_encoders(arch, dim=256, mlp_dim=4096, res=224, small_stem=False, nu
     BN (torchvision ResNets also start with zero-initialised residual BN, as main_moco.py)."""
     family = kind(arch)
     backbone, features = build_backbone(arch, res, small_stem, num_splits,
-                                        zero_init_residual=family == "resnet", stop_grad_conv1=stop_grad_conv1,
-                                        width=width)
+                                        zero_init_residual=family == "resnet" and residuals_start_at_zero("v3"),
+                                        stop_grad_conv1=stop_grad_conv1, width=width)
     vit = family == "vit" or hasattr(backbone, "patch_embed")
     projector = mlp(3 if vit else 2, features, mlp_dim, dim, num_splits=num_splits)
     if family == "resnet":

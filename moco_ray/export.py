@@ -257,8 +257,9 @@ def load_pretrained(path):
     path = location(path)
     if not path.is_file():
         backbone, cfg = backbone_state_dict(path)
+        zero_init = encoders.residuals_start_at_zero(cfg.get("method"), cfg.get("zero_init_residual"))
         return Pretrained(backbone, cfg["arch"], bool(cfg.get("small_stem")), cfg.get("res", 224),
-                          cfg.get("width", 64), bool(cfg.get("zero_init_residual") or cfg.get("method") == "v3"))
+                          cfg.get("width", 64), zero_init)
     try:
         with path.open_input() as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -270,7 +271,7 @@ def load_pretrained(path):
         backbone = {k[len(V3_PREFIX):]: v for k, v in obj["state_dict"].items()
                     if k.startswith(V3_PREFIX) and not k.startswith(V3_PREFIX + head)}
         return Pretrained(backbone, obj["arch"], bool(obj.get("small_stem")), obj.get("res", 224),
-                          obj.get("width", 64))
+                          obj.get("width", 64), encoders.residuals_start_at_zero("v3"))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = {k[len(MOCO_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(MOCO_PREFIX)}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

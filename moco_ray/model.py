@@ -95,13 +95,17 @@ def resnet(arch, num_classes=1000, small_stem=False, num_splits=1, zero_init_res
     if not (arch.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(torchvision.models, arch)):
         raise ValueError(f"arch must be a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}")
     norm = partial(SplitBatchNorm, num_splits=num_splits)
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, norm_layer=norm,
-                                            zero_init_residual=zero_init_residual)
-    if width != 64:
-        net = ScaledResNet(type(net.layer1[0]), [len(stage) for stage in (net.layer1, net.layer2, net.layer3,
-                                                                          net.layer4)],
+    build = partial(getattr(torchvision.models, arch), weights=None, num_classes=num_classes, norm_layer=norm,
+                    zero_init_residual=zero_init_residual)
+    if width == 64:
+        net = build()
+    else:
+        with torch.device("meta"):  # the stock model only names its block type and depths: nothing allocated
+            stock = build()
+        net = ScaledResNet(type(stock.layer1[0]), [len(s) for s in (stock.layer1, stock.layer2, stock.layer3,
+                                                                    stock.layer4)],
                            width, num_classes, norm_layer=norm, zero_init_residual=zero_init_residual,
-                           groups=net.groups, width_per_group=net.base_width)
+                           groups=stock.groups, width_per_group=stock.base_width)
     if small_stem:
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -127,6 +127,7 @@ def test_linear_evaluation_loads_the_base_backbone_of_a_v3_checkpoint(tmp_path, 
     for source in (ckpt, out):
         pretrained = export.load_pretrained(source)
         assert (pretrained.arch, pretrained.small_stem, pretrained.res) == (arch, False, res)
+        assert pretrained.zero_init_residual   # v3 starts every ResNet block as the identity, in either file
         net = build_classifier(pretrained.arch, pretrained.small_stem, 10, pretrained.res).eval()
         with frozen_part(net) as frozen:
             frozen.load_state_dict(pretrained.backbone)   # strict: raises unless every key, nothing else
