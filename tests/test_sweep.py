@@ -352,7 +352,7 @@ def test_momentum_ablation_m0_ends_below_the_best_m(glyphs, tmp_path):
     """m=0 against m=0.9 (the best m after epoch 5, averaged over the seeds), each trial the m
     ablation's (10 epochs of 100 steps) stopped after epoch MOMENTUM_EPOCH; the ordering
     docs/results.md found at that epoch on every seed it ran."""
-    df = run_ablation(glyphs, tmp_path, "m", ["--m", "0,0.9"],
+    df = run_ablation(glyphs, tmp_path, "m", ["--m", "0,0.9", "--K", "1024"],
                       ["epochs=10", "knn_every=5", f"max_steps={MOMENTUM_EPOCH * 100}"]).set_index("m")
     assert (df.epochs == MOMENTUM_EPOCH).all()
     assert df.loc[0.9, "knn_top1_last"] > df.loc[0.0, "knn_top1_last"] + MOMENTUM_MARGIN, df
