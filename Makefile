@@ -9,7 +9,7 @@ demo: setup
 
 # (2) the tests
 test: setup
-	RAY_AUTH_MODE=disabled .venv/bin/python -m pytest -q tests
+	RAY_AUTH_MODE=disabled .venv/bin/python -m pytest -q --durations=25 tests
 
 bench: setup
 	.venv/bin/python bench/data.py

@@ -147,7 +147,7 @@ def test_v3_presets_follow_config_md():
         cfg = C.preset(name)
         assert (cfg.method, cfg.optimizer, cfg.m_schedule, cfg.warmup_epochs) == ("moco", "sgd", "constant", 0)
     demo_v3 = C.validate(C.preset("demo-v3"), max_workers=2)
-    assert (demo_v3.method, demo_v3.bn, demo_v3.arch, demo_v3.res, demo_v3.aug) == ("v3", "split", "resnet18", 16, "v3")
+    assert (demo_v3.method, demo_v3.bn, demo_v3.arch, demo_v3.res, demo_v3.aug) == ("v3", "split", "resnet18", 16, "v2")
     C.validate(C.apply_overrides(C.preset("moco-v3-vit-small"), {"arch": "timm:convnext_atto",
                                                                   "stop_grad_conv1": False}))
 

@@ -27,7 +27,7 @@ def bare_worker(cfg):
 def test_build_step_and_checkpoint_state(method, optimizer):
     cfg = C.apply_overrides(C.preset("demo-v3" if method == "v3" else "demo"),
                             {"method": method, "optimizer": optimizer, "m_schedule": "cosine",
-                             "warmup_epochs": 2, "batch_size": 8, "K": 16})
+                             "warmup_epochs": 2, "batch_size": 8, "K": 16, "aug": "v3" if method == "v3" else "v2"})
     worker = bare_worker(cfg)
     assert type(worker.optimizer).__name__ == {"sgd": "SGD", "lars": "LARS", "adamw": "AdamW"}[optimizer]
     assert (worker.queue_size is None) == (method == "v3") == (worker.queue_state() is None)
