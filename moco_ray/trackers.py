@@ -237,6 +237,7 @@ class Tracker:
         self.run_dir = storage.at(run_dir)
         self.opened = False
         self.staging = None   # a Staging, for a tracker that writes files
+        self.logged_step, self.step_values = None, {}   # the values already logged at logged_step
 
     def sync(self):
         """Copy the staged files to a run directory on a URI now (the tracker's thread only)."""
@@ -270,7 +271,7 @@ class Tracker:
         step = int(record.get("step") or 0)
         if record.get("config"):
             self.params(flat_params(record["config"]))
-        values = scalars(record)
+        values = self.unlogged(step, scalars(record))
         if values:
             self.scalars(step, values, record.get("time") or time.time())
         if line:
@@ -283,6 +284,17 @@ class Tracker:
             self.sync()
         else:
             self.flush()
+
+
+    def unlogged(self, step, values):
+        """The values not yet logged at this step. A checkpoint or end record repeats its step's
+        record (adding kNN); logging the repeat again would add a second point per metric at that
+        step wherever its timestamp differs (MLflow keeps both, TensorBoard both events)."""
+        if step != self.logged_step:
+            self.logged_step, self.step_values = step, {}
+        new = {k: v for k, v in values.items() if self.step_values.get(k) != v}
+        self.step_values.update(new)
+        return new
 
 
 class TensorBoardTracker(Tracker):
