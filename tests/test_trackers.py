@@ -351,7 +351,8 @@ def test_the_run_log_actor_gets_the_drivers_tracker_variables(ray_session, tmp_p
     ray_session.get([actor.record.remote(r) for r in records(0, 3, 2, end=True)])
     stats = ray_session.get(actor.flush_trackers.remote(60))
     assert stats == {"tensorboard": {"dropped": 0, "errors": 0, "queued": 0}}
-    assert [e.step for e in tensorboard_events(run_dir).Scalars("moco_loss")] == [1, 2, 3]   # the end repeats step 3: one point
+    # the end record repeats step 3's metrics: one point at step 3, not two
+    assert [e.step for e in tensorboard_events(run_dir).Scalars("moco_loss")] == [1, 2, 3]
     ray_session.kill(actor)
 
 
