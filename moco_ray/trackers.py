@@ -285,7 +285,6 @@ class Tracker:
         else:
             self.flush()
 
-
     def unlogged(self, step, values):
         """The values not yet logged at this step. A checkpoint or end record repeats its step's
         record (adding kNN); logging the repeat again would add a second point per metric at that
