@@ -1,5 +1,6 @@
 """CPU step time of MoCo v2, v2+ and v3 side by side, at one worker's share of a preset (demo size by
-default: b = 64 / 2 workers images of 16 px).
+default: b = 64 / 2 workers images of 16 px); v3 both with its views in one pass (split BN: the
+default) and with one pass per view.
 
     python bench/methods.py [--v2 demo] [--v3 demo-v3] [--workers 2] [--steps 20] [--threads 1]
 
@@ -19,9 +20,11 @@ from moco_ray.optim import make_optimizer
 from moco_ray.worker import build_model
 
 
-def setup(cfg):
+def setup(cfg, fuse_views=True):
     cfg = C.for_device(cfg, cuda=False)
     model = build_model(cfg)
+    if not fuse_views:
+        model.fuse_views = False
     optimizer = make_optimizer(cfg.optimizer, model.encoder_q.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     return model, optimizer
@@ -47,9 +50,12 @@ def main():
     torch.set_num_threads(args.threads)
 
     v2 = C.preset(args.v2)
-    configs = {"v2": v2, "v2+": dataclasses.replace(v2, method="v2plus"), "v3": C.preset(args.v3)}
+    v3 = C.preset(args.v3)
     b = v2.batch_size // args.workers
-    runs = {name: setup(cfg) for name, cfg in configs.items()}
+    runs = {"v2": setup(v2), "v2+": setup(dataclasses.replace(v2, method="v2plus")), "v3": setup(v3),
+            "v3 per view": setup(v3, fuse_views=False)}
+    if not runs["v3"][0].fuse_views:
+        del runs["v3 per view"]   # a BN that is not split: v3 already runs one pass per view
     times = {name: [] for name in runs}
     g = torch.Generator().manual_seed(0)
     for step in range(args.steps + 2):   # the first two steps warm up allocators and kernels
@@ -60,10 +66,11 @@ def main():
                 times[name].append(seconds)
     base = statistics.median(times["v2"])
     print(f"batch {b} per worker, {v2.res} px, {args.threads} thread(s), median of {args.steps} steps")
-    print(f"{'method':<6} {'preset':<10} {'step ms':>8} {'x v2':>6}")
-    for name, cfg_name in (("v2", args.v2), ("v2+", args.v2 + " v2plus"), ("v3", args.v3)):
+    print(f"{'method':<12} {'preset':<12} {'step ms':>8} {'x v2':>6}")
+    presets = {"v2": args.v2, "v2+": args.v2 + " v2plus", "v3": args.v3, "v3 per view": args.v3}
+    for name in runs:
         median = statistics.median(times[name])
-        print(f"{name:<6} {cfg_name:<10} {median * 1e3:8.1f} {median / base:6.2f}")
+        print(f"{name:<12} {presets[name]:<12} {median * 1e3:8.1f} {median / base:6.2f}")
 
 
 if __name__ == "__main__":
