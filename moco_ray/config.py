@@ -169,8 +169,9 @@ PRESETS = {
 # The demo's data, sizes and bookkeeping with MoCo v3: per-worker BN (bn=split: SyncBN needs GPUs),
 # small MLPs, T=0.2, a short warmup. v2's augmentation, not v3's asymmetric pair: blur and solarize
 # on 16 px crops remove what detail there is and cost 18% of the images/s (docs/results.md: 36.1
-# against 30.6 kNN after 20 epochs). 40 epochs: 3 seeds end 7.6-9.0 points above raw pixels, in
-# about 1.4x `make demo`'s time, since a v3 step puts both views through both encoders.
+# against 30.6 kNN after 20 epochs). 40 epochs: 3 seeds end 10.8-14.1 points above raw pixels, in
+# about 1.5x `make demo`'s time, since a v3 step puts both views through both encoders; the
+# settings that fit `make demo`'s time ended 3.5-6.9 above (docs/results.md).
 PRESETS["demo-v3"] = dict(PRESETS["demo"], method="v3", aug="v2", dim=64, mlp_dim=256, T=0.2, m=0.99,
                           m_schedule="cosine", bn="split", lr=0.3, warmup_epochs=2, epochs=40)
 # bn_splits=2 (demo): one worker (`tune.sweep --workers-per-trial 1`) normalises 2 sub-batches of
