@@ -138,7 +138,10 @@ def test_two_workers_are_scraped_while_training(ray_session, tmp_path):
     from moco_ray import launch
 
     base = free_ports(2)
-    cfg = launch.resolve_data(C.load("demo", ["max_steps=6", "batch_size=32", "report_every=2",
+    # Each endpoint must be scraped twice, with progress between, while the workers train; the values
+    # move at each report (a barrier of ~1.6 s every 2 steps), so 6 steps left a rank that came up
+    # late one change to see. 12 steps: 6 reports.
+    cfg = launch.resolve_data(C.load("demo", ["max_steps=12", "batch_size=32", "report_every=2",
                                              "checkpoint_every_steps=1000",
                                              f"metrics_port={base}", "knn_every=0"]))
     cfg = C.apply_overrides(cfg, {"knn_data": ""})
@@ -171,7 +174,7 @@ def test_two_workers_are_scraped_while_training(ray_session, tmp_path):
                     first[port] = s
             elif images > value(first[port], "moco_images_total"):
                 second[port] = s
-        time.sleep(0.2)
+        time.sleep(0.05)
     thread.join(timeout=600)
     assert "error" not in box, box.get("error")
     assert len(second) == 2, f"scraped twice with progress: {sorted(second)} of {[base, base + 1]}"
