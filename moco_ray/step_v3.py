@@ -128,8 +128,8 @@ class MoCoV3(nn.Module):
 
     fuse_views: with bn=split and no BN but SplitBatchNorm in the encoders, both views go through
     each encoder in one pass of 2b images in 2S splits, interleaved (see interleave): the same
-    outputs and gradients as a pass per view, in one larger kernel per layer (on 2 CPU cores at the
-    demo's size, forward + backward of the query path 22% faster: bench/methods.py). The BN running
+    outputs and gradients as a pass per view, in one larger kernel per layer (at the demo's size the
+    whole step is 10% faster on one CPU thread and 20% on two: bench/methods.py). The BN running
     statistics (used only for evaluation) then move once per step, towards the mean of both views,
     instead of once per view. Off where a BN would mix the views (SyncBN, a timm model's own BN).
     """

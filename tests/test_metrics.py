@@ -139,8 +139,8 @@ def test_two_workers_are_scraped_while_training(ray_session, tmp_path):
 
     base = free_ports(2)
     # Each endpoint must be scraped twice, with progress between, while the workers train; the values
-    # move at each report (a barrier of ~1.6 s every 2 steps), so 6 steps left a rank that came up
-    # late one change to see. 12 steps: 6 reports.
+    # move at each report (a barrier of ~1.6 s every 2 steps): 12 steps give 6 reports, enough changes
+    # for a rank whose endpoint comes up late to be seen moving.
     cfg = launch.resolve_data(C.load("demo", ["max_steps=12", "batch_size=32", "report_every=2",
                                              "checkpoint_every_steps=1000",
                                              f"metrics_port={base}", "knn_every=0"]))
