@@ -138,11 +138,11 @@ class MoCoV3(nn.Module):
 
     def __init__(self, arch="resnet50", dim=256, mlp_dim=4096, m=0.99, T=1.0, res=224, small_stem=False,
                  bn="sync", bn_splits=1, stop_grad_conv1=False, group=None, precision="fp32",
-                 channels_last=False, encoders=None, width=64):
+                 channels_last=False, encoders=None, width=64, seed=0):
         super().__init__()
-        if bn not in ("sync", "split"):
-            raise ValueError(f"MoCo v3 normalises with bn=sync or bn=split, got {bn!r}")
-        self.m, self.T, self.bn, self.bn_splits, self.group = m, T, bn, bn_splits, group
+        if bn not in ("sync", "split", "shuffle"):
+            raise ValueError(f"MoCo v3 normalises with bn=sync, split or shuffle, got {bn!r}")
+        self.m, self.T, self.bn, self.bn_splits, self.group, self.seed = m, T, bn, bn_splits, group, seed
         self.precision, self.channels_last = precision, channels_last
         self.rank, self.world_size = world(group)
         if encoders is None:
@@ -155,7 +155,7 @@ class MoCoV3(nn.Module):
         for param_k in self.encoder_k.parameters():
             param_k.requires_grad = False
         self.momentum_update = MomentumUpdate(self.encoder_q.base, self.encoder_k)
-        self.fuse_views = bn == "split" and only_split_bn(self.encoder_q)
+        self.fuse_views = bn != "sync" and only_split_bn(self.encoder_q)
 
     @property
     def base_encoder(self):
@@ -166,17 +166,28 @@ class MoCoV3(nn.Module):
         """The symmetric loss of the local batch (DDP averages the gradients) and detached stats.
         step is unused (no shuffle, no queue); it keeps MoCo's signature."""
         check_sync_bn(self.bn, im_q)
-        if self.bn == "split":
+        if self.bn != "sync":
             splits = usable_splits(im_q.shape[0], self.bn_splits) * (2 if self.fuse_views else 1)
             for encoder in (self.encoder_q, self.encoder_k):
                 set_bn_splits(encoder, splits)
         q1, q2 = self.both_views(self.encoder_q, im_q, im_k)
         with torch.no_grad():
             self.momentum_update(self.m)
-            k1, k2 = self.both_views(self.encoder_k, im_q, im_k)
+            k1, k2 = self.keys(im_q, im_k, step)
         loss_12, stats_12 = global_batch_info_nce(q1, k2, self.T, self.group)
         loss_21, stats_21 = global_batch_info_nce(q2, k1, self.T, self.group)
         return loss_12 + loss_21, mean_stats(stats_12, stats_21)
+
+    def keys(self, im_1, im_2, step):
+        """Both views' keys through the momentum encoder. bn=shuffle: the pairs of the global batch are
+        first dealt to the workers by one permutation drawn from (seed, step) (moco_ray.shuffle: an
+        all_to_all of 2b images each way), so the BN sub-batch a key is normalised in is a random
+        draw from the global batch, unrelated to its query's."""
+        if self.bn != "shuffle":
+            return self.both_views(self.encoder_k, im_1, im_2)
+        pairs, ctx = shuffle(torch.stack([im_1, im_2], dim=1), self.seed, step, self.group)
+        keys = unshuffle(torch.stack(self.both_views(self.encoder_k, pairs[:, 0], pairs[:, 1]), dim=1), ctx)
+        return keys[:, 0], keys[:, 1]
 
     def both_views(self, encoder, im_q, im_k):
         """normalize(encoder(view)) of each view: one pass over both where fuse_views, else one per view."""

@@ -76,7 +76,7 @@ def build_model(cfg):
                   bn_splits=cfg.bn_splits, precision=cfg.precision, channels_last=cfg.channels_last == "true",
                   width=cfg.width)
     if cfg.method == "v3":
-        return MoCoV3(mlp_dim=cfg.mlp_dim, res=cfg.res, stop_grad_conv1=cfg.stop_grad_conv1, **shared)
+        return MoCoV3(mlp_dim=cfg.mlp_dim, res=cfg.res, stop_grad_conv1=cfg.stop_grad_conv1, seed=cfg.seed, **shared)
     step = MoCoV2Plus if cfg.method == "v2plus" else MoCo
     return step(K=cfg.K, mlp=cfg.mlp, seed=cfg.seed, head_bn=cfg.head_bn, zero_init_residual=cfg.zero_init_residual,
                 **shared)

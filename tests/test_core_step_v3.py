@@ -48,12 +48,14 @@ def ctr(q, k, T):
     return F.cross_entropy(q @ k.t() / T, torch.arange(q.shape[0])) * (2 * T)
 
 
-def reference_v3_step(ref_q, ref_k, x1, x2, W, m, T):
-    """ref_q: base encoder + predictor (QueryEncoder), ref_k: momentum encoder."""
+def reference_v3_step(ref_q, ref_k, x1, x2, W, m, T, perm=None):
+    """ref_q: base encoder + predictor (QueryEncoder), ref_k: momentum encoder. perm: shuffled BN's
+    permutation of the global batch's pairs for the keys (both views alike); None: no shuffle."""
     q1, q2 = per_worker(ref_q, x1, W), per_worker(ref_q, x2, W)
     momentum_update(ref_q.base, ref_k, m)                # before the keys, as the code
     with torch.no_grad():
-        k1, k2 = per_worker(ref_k, x1, W), per_worker(ref_k, x2, W)
+        perm = torch.arange(x1.shape[0]) if perm is None else perm
+        k1, k2 = shuffled_keys(ref_k, x1, W, perm), shuffled_keys(ref_k, x2, W, perm)
     return ctr(q1, k2, T) + ctr(q2, k1, T)
 
 
@@ -125,11 +127,12 @@ def count_passes(module):
     return passes
 
 
-def _v3_equivalence(rank, W, norm=nn.BatchNorm2d, b=4, steps=3, m=0.9, T=0.5):
+def _v3_equivalence(rank, W, norm=nn.BatchNorm2d, bn="split", b=4, steps=3, m=0.9, T=0.5):
     """The reference puts each view through each encoder on its own (plain BN, per worker): the step
-    must match it whether it fuses the views (norm=SplitBatchNorm) or not (plain BN)."""
+    must match it whether it fuses the views (norm=SplitBatchNorm) or not (plain BN). bn=shuffle: the
+    reference's keys come from the pairs dealt to the workers by the (seed, step) permutation."""
     torch.manual_seed(0)
-    model = MoCoV3(m=m, T=T, bn="split", bn_splits=1, encoders=tiny_v3_encoders(norm=norm))
+    model = MoCoV3(m=m, T=T, bn=bn, bn_splits=1, seed=3, encoders=tiny_v3_encoders(norm=norm))
     fused = norm is SplitBatchNorm
     assert model.fuse_views == fused
     ref_q, ref_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
@@ -141,7 +144,8 @@ def _v3_equivalence(rank, W, norm=nn.BatchNorm2d, b=4, steps=3, m=0.9, T=0.5):
         x1, x2 = views(step, W, b)
         loss, stats = model(x1.chunk(W)[rank], x2.chunk(W)[rank], step)
         descend(optimizer, loss)
-        ref_loss = reference_v3_step(ref_q, ref_k, x1, x2, W, m, T)
+        perm = torch.randperm(W * b, generator=seeded_generator(3, step)) if bn == "shuffle" else None
+        ref_loss = reference_v3_step(ref_q, ref_k, x1, x2, W, m, T, perm)
         descend(ref_optimizer, ref_loss)
         diffs.append(max(abs(global_mean(loss) - ref_loss).item(),
                          max_diff(model.encoder_q.module.parameters(), ref_q.parameters()),
@@ -191,6 +195,14 @@ def test_one_pass_in_2S_splits_equals_a_pass_per_view_in_S(bn_splits, b=8, steps
     assert max_diff(fused.encoder_q.base.parameters(), fused.encoder_k.parameters()) > 1e-3   # it trained
 
 
+@pytest.mark.parametrize("W", [1, 2, 3])
+def test_v3_with_shuffled_bn_keys_equals_algorithm_1_on_the_shuffled_batch(W):
+    """bn=shuffle, in one pass (split BN) and in a pass per view (plain BN): each worker's keys are
+    those of the pairs the permutation deals it, then go back to their queries."""
+    diffs = [run_gloo(_v3_equivalence, W, norm, "shuffle") for norm in (SplitBatchNorm, nn.BatchNorm2d)]
+    print(f"v3 bn=shuffle W={W}: max abs diff, one pass {max(diffs[0]):.2e}, a pass per view {max(diffs[1]):.2e}")
+
+
 def _v2plus_equivalence(rank, W, bn="split", b=4, K=48, steps=3, m=0.9, T=0.2):
     torch.manual_seed(0)
     model = MoCoV2Plus(arch="resnet18", dim=8, K=K, m=m, T=T, bn=bn, bn_splits=1, seed=3,
@@ -230,5 +242,5 @@ def test_v2plus_step_equals_replicated_queue_reference(W, bn):
 
 def test_v3_without_process_group_and_bad_bn():
     assert _v3_equivalence(0, 1, steps=1) < TOL
-    with pytest.raises(ValueError, match="bn=sync or bn=split"):
-        MoCoV3(arch="resnet18", bn="shuffle")
+    with pytest.raises(ValueError, match="bn=sync, split or shuffle"):
+        MoCoV3(arch="resnet18", bn="global")
