@@ -1,6 +1,7 @@
 """CPU step time of MoCo v2, v2+ and v3 side by side, at one worker's share of a preset (demo size by
 default: b = 64 / 2 workers images of 16 px); v3 both with its views in one pass (split BN: the
-default) and with one pass per view.
+default) and with one pass per view; each method also in the other precision (bf16 autocast or fp32)
+than its preset's, the demo presets differing there (demo-v3 runs bf16, as moco-v3 runs AMP).
 
     python bench/methods.py [--v2 demo] [--v3 demo-v3] [--workers 2] [--steps 20] [--threads 1]
 
@@ -20,8 +21,8 @@ from moco_ray.optim import make_optimizer
 from moco_ray.worker import build_model
 
 
-def setup(cfg, fuse_views=True):
-    cfg = C.for_device(cfg, cuda=False)
+def setup(cfg, fuse_views=True, precision=None):
+    cfg = C.for_device(cfg if precision is None else dataclasses.replace(cfg, precision=precision), cuda=False)
     model = build_model(cfg)
     if not fuse_views:
         model.fuse_views = False
@@ -52,8 +53,11 @@ def main():
     v2 = C.preset(args.v2)
     v3 = C.preset(args.v3)
     b = v2.batch_size // args.workers
-    runs = {"v2": setup(v2), "v2+": setup(dataclasses.replace(v2, method="v2plus")), "v3": setup(v3),
-            "v3 per view": setup(v3, fuse_views=False)}
+    other = {"bf16": "fp32", "fp32": "bf16"}
+    v2_other, v3_other = (other[C.for_device(cfg, cuda=False).precision] for cfg in (v2, v3))
+    runs = {"v2": setup(v2), f"v2 {v2_other}": setup(v2, precision=v2_other),
+            "v2+": setup(dataclasses.replace(v2, method="v2plus")), "v3": setup(v3),
+            "v3 per view": setup(v3, fuse_views=False), f"v3 {v3_other}": setup(v3, precision=v3_other)}
     if not runs["v3"][0].fuse_views:
         del runs["v3 per view"]   # a BN that is not split: v3 already runs one pass per view
     times = {name: [] for name in runs}
@@ -66,11 +70,11 @@ def main():
                 times[name].append(seconds)
     base = statistics.median(times["v2"])
     print(f"batch {b} per worker, {v2.res} px, {args.threads} thread(s), median of {args.steps} steps")
-    print(f"{'method':<12} {'preset':<12} {'step ms':>8} {'x v2':>6}")
-    presets = {"v2": args.v2, "v2+": args.v2 + " v2plus", "v3": args.v3, "v3 per view": args.v3}
-    for name in runs:
+    print(f"{'method':<12} {'preset':<12} {'precision':<9} {'step ms':>8} {'x v2':>6}")
+    for name, (model, _) in runs.items():
         median = statistics.median(times[name])
-        print(f"{name:<12} {presets[name]:<12} {median * 1e3:8.1f} {median / base:6.2f}")
+        preset = args.v2 + (" v2plus" if name == "v2+" else "") if name.startswith("v2") else args.v3
+        print(f"{name:<12} {preset:<12} {model.precision:<9} {median * 1e3:8.1f} {median / base:6.2f}")
 
 
 if __name__ == "__main__":

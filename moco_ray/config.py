@@ -169,11 +169,13 @@ PRESETS = {
 # The demo's data, sizes and bookkeeping with MoCo v3: per-worker BN (bn=split: SyncBN needs GPUs),
 # small MLPs, T=0.2, a short warmup. v2's augmentation, not v3's asymmetric pair: blur and solarize
 # on 16 px crops remove what detail there is and cost 18% of the images/s (docs/results.md: 36.1
-# against 30.6 kNN after 20 epochs). 40 epochs: 3 seeds end 10.8-14.1 points above raw pixels, in
-# about 1.5x `make demo`'s time, since a v3 step puts both views through both encoders; the
-# settings that fit `make demo`'s time ended 3.5-6.9 above (docs/results.md).
+# against 30.6 kNN after 20 epochs). A v3 step puts both views through both encoders, twice v2's
+# compute: bf16 autocast (moco-v3 trains under AMP) takes 29% off it on a CPU with bf16
+# instructions (bench/methods.py; train.py warns on one without), and twice the lr (0.6 per 256)
+# with a constant m learned faster than 0.3 with the cosine m in the shorter runs (the cosine m
+# flattens the curve after 2/3 of them). 32 epochs: about 0.9x `make demo`'s time (docs/results.md).
 PRESETS["demo-v3"] = dict(PRESETS["demo"], method="v3", aug="v2", dim=64, mlp_dim=256, T=0.2, m=0.99,
-                          m_schedule="cosine", bn="split", lr=0.3, warmup_epochs=2, epochs=40)
+                          m_schedule="constant", bn="split", lr=0.6, warmup_epochs=2, epochs=32, precision="bf16")
 # bn_splits=2 (demo): one worker (`tune.sweep --workers-per-trial 1`) normalises 2 sub-batches of
 # 32, as each of the 2 shuffle-BN workers of `make demo` does (8 sub-batches of 8 learned more slowly).
 
@@ -383,8 +385,6 @@ def _check_method(cfg):
         raise ConfigError(f"arch={cfg.arch!r} needs timm (pip install timm==1.0.31)") from None
     if cfg.method != "v3" and family != "resnet":
         raise ConfigError(f"arch={cfg.arch!r}: method={cfg.method} trains torchvision ResNets; use method=v3")
-    if cfg.method == "v3" and cfg.bn == "shuffle":
-        raise ConfigError("method=v3 normalises with bn=sync (GPUs) or bn=split (each worker its own batch)")
     if cfg.stop_grad_conv1 and family == "resnet":
         raise ConfigError(f"stop_grad_conv1 freezes a ViT's patch projection; {cfg.arch} has none")
     _check_warmup(cfg)

@@ -27,6 +27,15 @@ def resolve(precision, channels_last, cuda):
     return precision, channels_last
 
 
+def native_bf16_cpu():
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) that oneDNN uses; elsewhere CPU
+    autocast to bf16 is emulated and slower than fp32."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def configure_backends(device):
     """cuDNN autotuning (fixed input shapes: it picks the fastest conv algorithms once), TF32 for
     fp32 convolutions and true fp32 for matmuls (the InfoNCE's logits), process-wide."""

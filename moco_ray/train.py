@@ -38,6 +38,11 @@ def main(argv=None):
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from moco_ray.precision import native_bf16_cpu   # torch: not before the config's checks
+
+    if run.cfg.precision == "bf16" and not use_gpu and not native_bf16_cpu():
+        print("[moco_ray] warning: precision=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX) is "
+              "emulated and slower than fp32; --set precision=fp32 runs faster here", file=sys.stderr, flush=True)
 
     result, wall = launch.fit(args, run, use_gpu)
     m = result.metrics or {}

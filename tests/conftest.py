@@ -77,6 +77,13 @@ def glyphs(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("glyphs"), "glyphs")
 
 
+# bf16 on the CPU: demo-v3 trains in bf16, and oneDNN's bf16 CPU convolution returns non-finite
+# values in about a quarter of the calls of a 3x3 stride-2 convolution on a 1x1 input (torch 2.14.1;
+# 53 of 200 calls here), which timm's test_resnet at 16 px has in its layer4: the tests that train it
+# with demo-v3 set precision=fp32. The demo's ResNet never gets there (its smallest such input is
+# 4x4: 0 of 200 calls).
+
+
 def tiny_run_args(digits, storage, name, *extra):
     """A CPU-sized MoCo run on the digits: the demo preset with resnet18's standard stem (at the
     preset's 16 px a step costs ~1/5 of the small stem's; these tests check the machinery)."""

@@ -41,7 +41,6 @@ def test_set_coerces_types():
     (["arch=resnet7"], "arch='resnet7': use a torchvision ResNet"),
     (["arch=timm:no_such_net", "method=v3", "bn=split"], "timm 1.0.31 has no model 'no_such_net'"),
     (["arch=vit_b_16"], "method=moco trains torchvision ResNets; use method=v3"),
-    (["method=v3"], "method=v3 normalises with bn=sync"),
     (["stop_grad_conv1=true"], "resnet18 has none"),
     (["method=v2plus", "max_batch_per_worker=16"], "micro-batches are built for method=moco"),
 ])
@@ -148,6 +147,7 @@ def test_v3_presets_follow_config_md():
         assert (cfg.method, cfg.optimizer, cfg.m_schedule, cfg.warmup_epochs) == ("moco", "sgd", "constant", 0)
     demo_v3 = C.validate(C.preset("demo-v3"), max_workers=2)
     assert (demo_v3.method, demo_v3.bn, demo_v3.arch, demo_v3.res, demo_v3.aug) == ("v3", "split", "resnet18", 16, "v2")
+    assert C.validate(C.load("demo-v3", ["bn=shuffle"]), max_workers=2).bn == "shuffle"   # v3's shuffled keys
     C.validate(C.apply_overrides(C.preset("moco-v3-vit-small"), {"arch": "timm:convnext_atto",
                                                                   "stop_grad_conv1": False}))
 

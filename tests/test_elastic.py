@@ -87,7 +87,8 @@ def test_grow_kill_shrink_exactly_once(cluster, digits, prefix):
     args += ["--set", f"arch={TIMM_ARCH}", "--set", "small_stem=false",
              "--set", f"sample_log={samples}", "--set", "batch_size=32", "--set", "K=256",
              "--set", "res=16", "--set", f"epochs={epochs}", "--set", "knn_every=0",
-             "--set", "checkpoint_every_steps=5", "--set", "knn_data="]
+             "--set", "checkpoint_every_steps=5", "--set", "knn_data=",
+             "--set", "precision=fp32"]   # see 'bf16 on the CPU' in conftest.py
     cluster.add_node(num_cpus=1)
     fit = ray.remote(num_cpus=0)(main).remote(args)
 

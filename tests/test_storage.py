@@ -218,7 +218,8 @@ def test_demo_v3_on_s3_driver_killed_continues_then_lincls_export_report(ray_wit
         digits, runs, "r", "--resume", "auto", "--set", f"arch={TIMM_ARCH}", "--set", "small_stem=false",
         "--set", f"sample_log={samples}", "--set", f"batch_size={B}", "--set", "res=16", "--set", "knn_every=0",
         "--set", "knn_data=", "--set", f"epochs={epochs}", "--set", "warmup_epochs=1",
-        "--set", "checkpoint_every_steps=10", "--set", "aug=v3")   # v3's own augmentation pair, end to end
+        "--set", "checkpoint_every_steps=10", "--set", "aug=v3",   # v3's own augmentation pair, end to end
+        "--set", "precision=fp32")   # see 'bf16 on the CPU' in conftest.py
     command = [sys.executable, "-m", "moco_ray.train", *args]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # with the S3 environment
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")

@@ -384,7 +384,8 @@ def test_spec_round_trips_through_its_json(tiny, tmp_path):
 def test_v3_sweep_gives_each_trial_its_T_and_m(tiny, tmp_path):
     """The v3 presets sweep T and m like v1/v2: each trial's config is demo-v3's with its own T and m
     (m is v3's base momentum, which its cosine schedule raises to 1)."""
-    argv = sweep_args(tiny, tmp_path, "v3", "--tau", "0.2,1.0", "--m", "0.99,0.996", "--set", "warmup_epochs=1")
+    argv = sweep_args(tiny, tmp_path, "v3", "--tau", "0.2,1.0", "--m", "0.99,0.996", "--set", "warmup_epochs=1",
+                      "--set", "m_schedule=cosine")
     argv[argv.index("demo")] = "demo-v3"
     spec = sweep.plan(sweep.build_parser().parse_args(argv))
     assert spec.cfg.method == "v3" and spec.cfg.m_schedule == "cosine" and spec.trials == 4
