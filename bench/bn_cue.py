@@ -12,12 +12,11 @@ at one worker's share of the global batch, BN in training mode as in the step.
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from moco_ray import checkpoint
 from moco_ray import config as C
 from moco_ray.data import make_train_loader
-from moco_ray.model import set_bn_splits
+from moco_ray.loss_v3 import global_batch_info_nce
 from moco_ray.step_v3 import usable_splits
 from moco_ray.worker import build_model
 
@@ -35,10 +34,10 @@ def load_model(path):
 
 
 def in_batch(q, k, T):
-    """(cross-entropy, top-1) of each query against the batch's keys, its own the positive."""
-    logits = q @ k.t() / T
-    labels = torch.arange(q.shape[0])
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    """(cross-entropy, top-1) of each query against the batch's keys, its own the positive: v3's
+    loss without its 2T scale."""
+    loss, stats = global_batch_info_nce(q, k, T)
+    return loss.item() / (2 * T), stats["acc"].item()
 
 
 @torch.no_grad()
@@ -50,9 +49,7 @@ def main():
     torch.manual_seed(0)
     model, cfg, W = load_model(args.path)
     b = cfg.batch_size // W
-    splits = usable_splits(b, cfg.bn_splits) * (2 if model.fuse_views else 1)
-    for encoder in (model.encoder_q, model.encoder_k):
-        set_bn_splits(encoder, splits)
+    model.set_splits(b)
     loader = make_train_loader(cfg.data, seed=cfg.seed, epoch=0, start=0, batch_per_worker=b, rank=0,
                                world_size=W, res=cfg.res, aug=cfg.aug, num_workers=1, crop_min=cfg.crop_min)
     rows = {"as its query's": [], "reshuffled": []}

@@ -120,13 +120,14 @@ class MoCoV3(nn.Module):
     backbone + projector, loss = ctr(q1, k2) + ctr(q2, k1) with each query against the keys of the
     global batch (moco_ray.loss_v3), no queue.
 
-    bn: "sync" (SyncBatchNorm in every BN, the paper's; torch supports it on GPU only) or "split"
+    bn: "sync" (SyncBatchNorm in every BN, the paper's; torch supports it on GPU only), "split"
     (each worker normalises its own batch, in bn_splits sub-batches; split applies to torchvision
-    ResNets and the MLPs). The momentum encoder updates (with self.m) before it computes the keys.
+    ResNets and the MLPs) or "shuffle" (split, the keys' pairs first dealt across workers: see
+    keys). The momentum encoder updates (with self.m) before it computes the keys.
     Build it after init_process_group; encoder_q may then be wrapped by DistributedDataParallel.
     encoders: a (base encoder, predictor) pair to use instead of arch's (moco_ray.encoders).
 
-    fuse_views: with bn=split and no BN but SplitBatchNorm in the encoders, both views go through
+    fuse_views: with bn=split or shuffle and no BN but SplitBatchNorm in the encoders, both views go through
     each encoder in one pass of 2b images in 2S splits, interleaved (see interleave): the same
     outputs and gradients as a pass per view, in one larger kernel per layer (at the demo's size the
     whole step is 10% faster on one CPU thread and 20% on two: bench/methods.py). The BN running
@@ -164,12 +165,10 @@ class MoCoV3(nn.Module):
 
     def forward(self, im_q, im_k, step):
         """The symmetric loss of the local batch (DDP averages the gradients) and detached stats.
-        step is unused (no shuffle, no queue); it keeps MoCo's signature."""
+        step seeds bn=shuffle's permutation (no queue)."""
         check_sync_bn(self.bn, im_q)
         if self.bn != "sync":
-            splits = usable_splits(im_q.shape[0], self.bn_splits) * (2 if self.fuse_views else 1)
-            for encoder in (self.encoder_q, self.encoder_k):
-                set_bn_splits(encoder, splits)
+            self.set_splits(im_q.shape[0])
         q1, q2 = self.both_views(self.encoder_q, im_q, im_k)
         with torch.no_grad():
             self.momentum_update(self.m)
@@ -177,6 +176,13 @@ class MoCoV3(nn.Module):
         loss_12, stats_12 = global_batch_info_nce(q1, k2, self.T, self.group)
         loss_21, stats_21 = global_batch_info_nce(q2, k1, self.T, self.group)
         return loss_12 + loss_21, mean_stats(stats_12, stats_21)
+
+    def set_splits(self, batch):
+        """Per-worker BN (split, shuffle): usable_splits(batch, bn_splits) sub-batches per view in
+        both encoders, twice as many where both views go in one pass."""
+        splits = usable_splits(batch, self.bn_splits) * (2 if self.fuse_views else 1)
+        for encoder in (self.encoder_q, self.encoder_k):
+            set_bn_splits(encoder, splits)
 
     def keys(self, im_1, im_2, step):
         """Both views' keys through the momentum encoder. bn=shuffle: the pairs of the global batch are
